@@ -1,0 +1,350 @@
+"""The public verbs: attach, delete, activate, deactivate, disabled, merge, unmerge, merge_and_unload.
+
+State lives in one ``AdapterState`` per model (``deltaw.registry``); these functions are the only way to change
+it. Every verb checks everything it can before touching the model, so a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .errors import AdapterNameError, MergeError, TargetError
+from .layers import LoraLayer, ModulesToSave, layer_class_for
+from .layers.linear import hf_conv1d_type
+from .registry import AdapterInfo, AdapterState, Weighted, check_name
+
+_STATE_ATTR = "_deltaw_state"
+AdapterSpec = str | Sequence[str] | Mapping[str, float] | None
+
+
+def state(model: nn.Module) -> AdapterState:
+    """The model's adapter registry; raises if no adapter was ever attached."""
+    st = model.__dict__.get(_STATE_ATTR)
+    if st is None:
+        raise AdapterNameError("this model has no deltaw adapters: call deltaw.attach(model, config) first")
+    return st
+
+
+def adapters(model: nn.Module) -> list[str]:
+    """Names of the resident adapters, in the order they were added."""
+    st = model.__dict__.get(_STATE_ATTR)
+    return list(st.adapters) if st is not None else []
+
+
+# ---- target resolution ---------------------------------------------------------------------------------
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """(path, base module) for every module that could be adapted; wrappers report their base layer."""
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(path + ".")
+            if isinstance(module, LoraLayer):
+                yield path, module.base_layer
+            continue
+        if path and layer_class_for(module) is not None:
+            yield path, module
+
+
+def _matches(spec: tuple[str, ...] | str, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    return any(path == key or path.endswith("." + key) for key in spec)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
+    """The (path, base module) pairs ``config`` selects, or a TargetError listing what could be targeted."""
+    candidates = list(_candidates(model))
+    if config.target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        linear_types = tuple(t for t in (nn.Linear, hf_conv1d_type()) if t is not None)
+        chosen = [(p, m) for p, m in candidates
+                  if isinstance(m, linear_types) and m is not head and not p.endswith("lm_head")]
+    else:
+        chosen = [(p, m) for p, m in candidates if _matches(config.target_modules, p)]
+    if config.exclude_modules:
+        chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, p)]
+    chosen = [(p, m) for p, m in chosen if not _matches(config.modules_to_save, p)]
+    if not chosen:
+        kinds = sorted({f"{p.rsplit('.', 1)[-1]} ({type(m).__name__})" for p, m in candidates})
+        raise TargetError(
+            f"target_modules={config.target_modules!r} matched no supported module. Modules that can be "
+            f"targeted (by name suffix): {', '.join(kinds) or 'none'}"
+        )
+    # Any module named by target_modules that exists but has an unsupported type is an error, not a skip.
+    if not isinstance(config.target_modules, str):
+        for path, module in model.named_modules():
+            if _matches(config.target_modules, path) and layer_class_for(module) is None and not isinstance(
+                    module, (LoraLayer, ModulesToSave)) and not any(path.startswith(p + ".") for p, _ in chosen):
+                raise TargetError(f"module {path!r} ({type(module).__name__}) matches target_modules but deltaw "
+                                  "supports only Linear, transformers Conv1D, Embedding and Conv1d/2d/3d")
+    return chosen
+
+
+def _tied_names(model: nn.Module) -> dict[int, list[str]]:
+    by_id: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(pname)
+    return {k: v for k, v in by_id.items() if len(v) > 1}
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+# ---- attach / delete -----------------------------------------------------------------------------------
+def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "default", *,
+           trainable: bool = True, activate: bool = True) -> AdapterInfo:
+    """Wrap the modules ``config`` targets (in place) and add a fresh adapter called ``name``.
+
+    Every base parameter is frozen; the new adapter's parameters are trainable unless ``trainable=False``.
+    Works on models built on the ``meta`` device (nothing is allocated but the adapter, on meta too).
+    """
+    config = config if config is not None else LoraConfig()
+    check_name(name)
+    st = model.__dict__.get(_STATE_ATTR) or AdapterState()
+    if name in st.adapters:
+        raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    targets = resolve_targets(model, config)
+    tied = _tied_names(model)
+
+    # Phase 1: build wrappers and check every rank, touching nothing.
+    plan: list[tuple[str, LoraLayer, bool]] = []
+    for path, base in targets:
+        layer = st.layers.get(path)
+        is_new = layer is None
+        if is_new:
+            others = [n for n in tied.get(id(getattr(base, "weight", None)), []) if not n.startswith(path + ".")]
+            layer = layer_class_for(base)(base, st, tied_with=others)
+        r = config.rank_for(path)
+        if r > layer.max_rank():
+            raise TargetError(f"adapter {name!r}: rank {r} for {path!r} exceeds min(in, out) = {layer.max_rank()} "
+                              f"of its weight {tuple(base.weight.shape)}; use a smaller r or rank_pattern")
+        plan.append((path, layer, is_new))
+    saved_paths = [p for p, _ in model.named_modules() if config.modules_to_save and _matches(config.modules_to_save, p)
+                   and not any(p.startswith(q + ".") for q in st.saved_modules)]
+    missing = [key for key in config.modules_to_save if not any(_matches((key,), p) for p in saved_paths)]
+    if missing:
+        raise TargetError(f"modules_to_save {missing} matched no module of the model")
+
+    # Phase 2: apply; undo everything on failure.
+    first_attach = model.__dict__.get(_STATE_ATTR) is None
+    if first_attach:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.__dict__[_STATE_ATTR] = st
+    done: list[tuple[str, LoraLayer, bool]] = []
+    saved_done: list[tuple[str, ModulesToSave, bool]] = []
+    try:
+        for path, layer, is_new in plan:
+            if is_new:
+                _set_submodule(model, path, layer)
+                st.layers[path] = layer
+            layer.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init)
+            done.append((path, layer, is_new))
+        for path in saved_paths:
+            wrapper = st.saved_modules.get(path)
+            is_new = wrapper is None
+            if is_new:
+                wrapper = ModulesToSave(model.get_submodule(path), st)
+                _set_submodule(model, path, wrapper)
+                st.saved_modules[path] = wrapper
+            wrapper.add_adapter(name)
+            saved_done.append((path, wrapper, is_new))
+    except BaseException:
+        for path, layer, is_new in reversed(done):
+            layer.delete_adapter(name)
+            if is_new:
+                _set_submodule(model, path, layer.base_layer)
+                del st.layers[path]
+        for path, wrapper, is_new in reversed(saved_done):
+            wrapper.delete_adapter(name)
+            if is_new:
+                _set_submodule(model, path, wrapper.original_module)
+                del st.saved_modules[path]
+        if first_attach:
+            del model.__dict__[_STATE_ATTR]
+        raise
+    info = AdapterInfo(name=name, config=config, modules=tuple(p for p, _, _ in plan), metadata={})
+    st.adapters[name] = info
+    for p in adapter_parameters(model, name):
+        p.requires_grad_(trainable)
+    if activate and not st.active:
+        st.set_active(((name, 1.0),))
+    return info
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove an adapter and its parameters. A merged adapter must be unmerged first (nothing is implicit)."""
+    st = state(model)
+    info = st.require(name)
+    if any(n == name for n, _ in st.merged):
+        raise MergeError(f"adapter {name!r} is merged into the base weights; call deltaw.unmerge(model, {name!r}) first")
+    st.set_active(tuple((n, w) for n, w in st.active if n != name))
+    for path in info.modules:
+        st.layers[path].delete_adapter(name)
+    for wrapper in st.saved_modules.values():
+        if name in wrapper.modules_to_save:
+            wrapper.delete_adapter(name)
+    del st.adapters[name]
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The parameters that belong to adapters (all, or one adapter's), found through the registry."""
+    st = state(model)
+    names = [name] if name is not None else list(st.adapters)
+    out: list[nn.Parameter] = []
+    for n in names:
+        for path in st.require(n).modules:
+            out.extend(st.layers[path].adapter_parameters(n))
+        for wrapper in st.saved_modules.values():
+            if n in wrapper.modules_to_save:
+                out.extend(wrapper.modules_to_save[n].parameters())
+    return out
+
+
+def set_trainable(model: nn.Module, names: Sequence[str] | str | None) -> None:
+    """Make exactly these adapters trainable (others frozen). ``None``: freeze every adapter."""
+    st = state(model)
+    keep = {names} if isinstance(names, str) else set(names or ())
+    for n in keep:
+        st.require(n)
+    for n in st.adapters:
+        for p in adapter_parameters(model, n):
+            p.requires_grad_(n in keep)
+
+
+def count_parameters(model: nn.Module, name: str | None = None) -> int:
+    """Number of adapter parameters (works on meta-device models)."""
+    return sum(p.numel() for p in adapter_parameters(model, name))
+
+
+# ---- activation ----------------------------------------------------------------------------------------
+def normalize(spec: AdapterSpec) -> Weighted:
+    """"a" | ["a", "b"] | {"a": 1.0, "b": -0.5} | None -> (("a", 1.0), ...)."""
+    if spec is None:
+        return ()
+    if isinstance(spec, str):
+        return ((spec, 1.0),)
+    if isinstance(spec, Mapping):
+        items = tuple((str(k), float(v)) for k, v in spec.items())
+    else:
+        items = tuple((str(k), 1.0) for k in spec)
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise AdapterNameError(f"adapter listed twice in {names}")
+    return items
+
+
+def activate(model: nn.Module, spec: AdapterSpec) -> None:
+    """Make these adapters live, with weights: output = W0·x + Σ wᵢ·sᵢ·Bᵢ·Aᵢ·x. O(#adapters), no tree walk."""
+    state(model).set_active(normalize(spec))
+
+
+def deactivate(model: nn.Module) -> None:
+    """No live adapters (merged ones stay in the weights: see ``disabled`` for the exact base output)."""
+    state(model).set_active(())
+
+
+def active(model: nn.Module) -> Weighted:
+    return state(model).active
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Exactly the base model's output inside the block, merged adapters included (read-only: no weight moves)."""
+    st = state(model)
+    st.push_disabled(+1)
+    try:
+        yield
+    finally:
+        st.push_disabled(-1)
+
+
+@contextmanager
+def using(model: nn.Module, spec: AdapterSpec) -> Iterator[None]:
+    """Temporarily activate ``spec``; the previous activation comes back afterwards."""
+    st = state(model)
+    before = st.active
+    st.set_active(normalize(spec))
+    try:
+        yield
+    finally:
+        st.set_active(before)
+
+
+# ---- merge ---------------------------------------------------------------------------------------------
+def _apply_merged(st: AdapterState, target: Weighted) -> None:
+    """Make the base weights equal W0 + Σ_target wᵢ·sᵢ·ΔWᵢ, all-or-nothing."""
+    touched = {p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules}
+    new_weights = {path: st.layers[path].merged_weight(target) for path in sorted(touched)}  # may raise: no change yet
+    for path, weight in new_weights.items():
+        st.layers[path].set_merged(weight)
+    st.set_merged(target)
+
+
+def merge(model: nn.Module, spec: AdapterSpec = None) -> None:
+    """Fold adapters into the base weights (zero extra latency). ``None`` merges the active adapters.
+
+    Adds to what is already merged; re-merging an adapter with another weight replaces its weight. Refuses
+    NaN/inf (and tied weights) leaving every weight untouched.
+    """
+    st = state(model)
+    new = normalize(spec) if spec is not None else st.active
+    if not new:
+        raise MergeError("nothing to merge: no adapter given and none active")
+    for n, _ in new:
+        st.require(n)
+    merged = dict(st.merged)
+    merged.update(dict(new))
+    with torch.no_grad():
+        _apply_merged(st, tuple(merged.items()))
+
+
+def unmerge(model: nn.Module, names: str | Sequence[str] | None = None) -> None:
+    """Take adapters back out of the weights (all merged ones by default). Restores W0 bit for bit."""
+    st = state(model)
+    drop = set(dict(normalize(names))) if names is not None else {n for n, _ in st.merged}
+    not_merged = drop - {n for n, _ in st.merged}
+    if not_merged:
+        raise MergeError(f"adapter(s) {sorted(not_merged)} are not merged; merged: {[n for n, _ in st.merged]}")
+    with torch.no_grad():
+        _apply_merged(st, tuple((n, w) for n, w in st.merged if n not in drop))
+
+
+def merged(model: nn.Module) -> Weighted:
+    return state(model).merged
+
+
+def merge_and_unload(model: nn.Module, spec: AdapterSpec = None) -> nn.Module:
+    """Merge (``spec``, else what is merged already, else the active adapters) and return the plain model:
+    every wrapper replaced by its base layer, no adapter state left. Saved modules keep the active copy."""
+    st = state(model)
+    if spec is not None:
+        with torch.no_grad():
+            _apply_merged(st, normalize(spec))
+    elif not st.merged and st.active:
+        merge(model)
+    keep_heads = [n for n, _ in (normalize(spec) if spec is not None else st.merged or st.active)]
+    for path, layer in st.layers.items():
+        _set_submodule(model, path, layer.base_layer)
+    for path, wrapper in st.saved_modules.items():
+        chosen = next((wrapper.modules_to_save[n] for n in keep_heads if n in wrapper.modules_to_save),
+                      wrapper.original_module)
+        _set_submodule(model, path, chosen)
+    del model.__dict__[_STATE_ATTR]
+    return model

@@ -1,0 +1,58 @@
+"""A fingerprint of the base model an adapter was trained on, so loading onto another base fails loudly.
+
+Shapes catch most mistakes; a base with the same architecture but other weights (another checkpoint, another
+random init) is caught by a sample of each targeted weight: an exact hash (same weights, same precision) and the
+sampled values themselves, compared by cosine similarity so that the same base in another precision passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+SAMPLES_PER_MODULE = 16
+SAME_BASE_COSINE = 0.999  # fp32 vs bf16 copies of one model score > 0.9999; unrelated weights score ~0.
+
+
+def _sample(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    n = flat.numel()
+    idx = torch.linspace(0, n - 1, steps=min(SAMPLES_PER_MODULE, n), device=flat.device).round().long()
+    return flat[idx].float().cpu()  # (k,)
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> dict:
+    """{"shapes": {path: shape}, "sha256": hex | None, "samples": {path: [floats]}} over pristine base weights."""
+    shapes = {path: list(w.shape) for path, w in sorted(weights.items())}
+    if any(w.device.type == "meta" for w in weights.values()):
+        return {"shapes": shapes, "sha256": None, "samples": {}}
+    samples = {path: _sample(w) for path, w in sorted(weights.items())}
+    h = hashlib.sha256()
+    for path, s in samples.items():
+        h.update(path.encode())
+        h.update(s.to(torch.bfloat16).view(torch.int16).numpy().tobytes())  # precision-stable bytes
+    return {"shapes": shapes, "sha256": h.hexdigest(),
+            "samples": {p: [float(f"{v:.6g}") for v in s.tolist()] for p, s in samples.items()}}
+
+
+def compare(saved: dict, current: dict) -> str | None:
+    """None when ``current`` is the same base as ``saved``; else a sentence saying what differs."""
+    for path, shape in saved.get("shapes", {}).items():
+        now = current["shapes"].get(path)
+        if now is not None and list(now) != list(shape):
+            return f"module {path!r} has weight shape {tuple(now)}, the adapter's base had {tuple(shape)}"
+    if not saved.get("sha256") or not current.get("sha256") or saved["sha256"] == current["sha256"]:
+        return None
+    a, b = [], []
+    for path, values in saved.get("samples", {}).items():
+        if path in current["samples"]:
+            a.extend(values)
+            b.extend(current["samples"][path])
+    dot = sum(x * y for x, y in zip(a, b))
+    norm = math.sqrt(sum(x * x for x in a) * sum(y * y for y in b)) or 1.0
+    cosine = dot / norm
+    if cosine >= SAME_BASE_COSINE:
+        return None
+    return f"sampled base weights differ (cosine similarity {cosine:.4f} < {SAME_BASE_COSINE})"

@@ -1,0 +1,343 @@
+"""Read and write adapters in PEFT's on-disk format, strictly.
+
+    <dir>/adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, rank/alpha patterns, ...
+    <dir>/adapter_model.safetensors   base_model.model.<path>.lora_A.weight (r, in) / .lora_B.weight (out, r)
+                                      base_model.model.<path>.lora_embedding_A (r, num) / _B (dim, r)
+                                      base_model.model.<path>.<param>  for modules_to_save
+
+deltaw's own metadata (version, base fingerprint) rides in the safetensors header, which PEFT ignores.
+Loading validates everything -- config, keys, shapes, ranks, finiteness, fingerprint -- before the model is
+touched, so a failed load leaves it exactly as it was. Only safetensors is read: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import api
+from ..config import LoraConfig
+from ..errors import AdapterFormatError, AdapterNameError, BaseModelMismatchError, NonFiniteError, TargetError
+from ..layers import LoraEmbedding, layer_class_for
+from ..layers.linear import LoraConv1D
+from ..registry import AdapterInfo, check_name
+from . import fingerprints as fp
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_FACTOR_KEYS = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+UNSUPPORTED = {"use_dora": False, "bias": "none"}  # PEFT options deltaw refuses rather than silently ignores
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+# ---- save ----------------------------------------------------------------------------------------------
+def _pristine_weight(layer) -> torch.Tensor:
+    return layer._pristine if layer._pristine is not None else layer.base_layer.weight
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors under PEFT's key names."""
+    st = api.state(model)
+    info = st.require(name)
+    out: dict[str, torch.Tensor] = {}
+    for path in info.modules:
+        layer = st.layers[path]
+        a, b = layer.adapter_parameters(name)
+        if isinstance(layer, LoraEmbedding):
+            out[f"{PREFIX}{path}.lora_embedding_A"], out[f"{PREFIX}{path}.lora_embedding_B"] = a, b
+        else:
+            out[f"{PREFIX}{path}.lora_A.weight"], out[f"{PREFIX}{path}.lora_B.weight"] = a, b
+    for path, wrapper in st.saved_modules.items():
+        if name in wrapper.modules_to_save:
+            for pname, t in wrapper.modules_to_save[name].state_dict().items():
+                out[f"{PREFIX}{path}.{pname}"] = t
+    return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
+
+
+def peft_config(model: nn.Module, info: AdapterInfo, base_model_name_or_path: str | None = None) -> dict:
+    """A PEFT LoraConfig dict with every module listed explicitly, so any PEFT version resolves the same set."""
+    st = api.state(model)
+    cfg = info.config
+    rank_pattern = {re.escape(p): cfg.rank_for(p) for p in info.modules if cfg.rank_for(p) != cfg.r}
+    alpha_pattern = {re.escape(p): cfg.alpha_for(p) for p in info.modules if cfg.alpha_for(p) != cfg.alpha}
+    saved = [p for p, w in st.saved_modules.items() if info.name in w.modules_to_save]
+    return {
+        "peft_type": "LORA",
+        "task_type": info.metadata.get("task_type"),
+        "base_model_name_or_path": base_model_name_or_path or info.metadata.get("base_model_name_or_path"),
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "target_modules": sorted(info.modules),
+        "exclude_modules": None,
+        "lora_dropout": cfg.dropout,
+        "bias": "none",
+        "use_rslora": cfg.use_rslora,
+        "use_dora": False,
+        "fan_in_fan_out": any(isinstance(st.layers[p], LoraConv1D) for p in info.modules),
+        "modules_to_save": saved or None,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "init_lora_weights": True if cfg.init == "kaiming" else "gaussian",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "inference_mode": True,
+    }
+
+
+def base_fingerprint(model: nn.Module, modules: tuple[str, ...]) -> dict:
+    st = api.state(model)
+    return fp.fingerprint({p: _pristine_weight(st.layers[p]) for p in modules})
+
+
+def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
+         base_model_name_or_path: str | None = None) -> Path:
+    """Write one adapter (default: the only or first active one) as a PEFT directory. Files are replaced
+    atomically: a crash mid-save never leaves a half-written adapter under the final names."""
+    st = api.state(model)
+    if name is None:
+        name = st.active[0][0] if st.active else (next(iter(st.adapters)) if len(st.adapters) == 1 else None)
+        if name is None:
+            raise AdapterNameError(f"several adapters are resident ({', '.join(st.adapters)}): name the one to save")
+    info = st.require(name)
+    tensors = adapter_tensors(model, name)
+    meta = {"format": "pt", "deltaw": json.dumps({
+        "version": _version(), "adapter_name": name,
+        "fingerprint": base_fingerprint(model, info.modules), "metadata": info.metadata})}
+    config = peft_config(model, info, base_model_name_or_path)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for fname, writer in ((WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=meta)),
+                          (CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))):
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{fname}.")
+        os.close(fd)
+        try:
+            writer(tmp)
+            os.replace(tmp, out / fname)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out
+
+
+# ---- read ----------------------------------------------------------------------------------------------
+@dataclass
+class AdapterFile:
+    """A parsed, validated-as-far-as-possible-without-a-model adapter directory."""
+
+    directory: Path
+    peft: dict
+    config: LoraConfig
+    factors: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": ..., "B": ..., "kind": "embedding"|"dense"}
+    saved: dict[str, dict[str, torch.Tensor]]  # modules_to_save path -> its state dict
+    deltaw_meta: dict
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for f in self.factors.values() for t in (f["A"], f["B"])]
+        tensors += [t for s in self.saved.values() for t in s.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _resolve_dir(path: Path, name: str | None) -> Path:
+    if (path / CONFIG_NAME).is_file():
+        return path
+    if name and (path / name / CONFIG_NAME).is_file():  # PEFT writes non-default adapters into <dir>/<name>/
+        return path / name
+    if not path.exists():
+        raise AdapterFormatError(f"adapter directory {str(path)!r} does not exist")
+    raise AdapterFormatError(f"{str(path)!r} holds no {CONFIG_NAME}: not a PEFT adapter directory")
+
+
+def _read_config(directory: Path) -> dict:
+    try:
+        cfg = json.loads((directory / CONFIG_NAME).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: unreadable or invalid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: expected a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterFormatError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    for key, ok in UNSUPPORTED.items():
+        if cfg.get(key, ok) not in (ok, None):
+            raise AdapterFormatError(f"{directory}: {key}={cfg[key]!r} is not supported by deltaw (only {ok!r})")
+    for key in ("r", "lora_alpha"):
+        if key not in cfg:
+            raise AdapterFormatError(f"{directory / CONFIG_NAME}: missing required key {key!r}")
+    return cfg
+
+
+def _to_lora_config(cfg: dict, modules: list[str], directory: Path) -> LoraConfig:
+    try:
+        return LoraConfig(
+            r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), target_modules=tuple(modules),
+            dropout=float(cfg.get("lora_dropout") or 0.0),
+            rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
+            use_rslora=bool(cfg.get("use_rslora", False)),
+            init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming",
+            modules_to_save=tuple(cfg.get("modules_to_save") or ()),
+        )
+    except (TypeError, ValueError) as exc:
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: invalid LoRA settings ({exc})") from None
+
+
+def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFile:
+    """Parse a PEFT adapter directory into CPU tensors, checking everything that needs no model."""
+    directory = _resolve_dir(Path(path), name)
+    cfg = _read_config(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        hint = " (a pickled adapter_model.bin is never loaded: convert it to safetensors)" if (
+            directory / "adapter_model.bin").exists() else ""
+        raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}{hint}")
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers and data
+        raise AdapterFormatError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
+    try:
+        deltaw_meta = json.loads(header["deltaw"]) if "deltaw" in header else {}
+    except json.JSONDecodeError:
+        raise AdapterFormatError(f"{weights}: deltaw metadata in the header is not valid JSON") from None
+
+    saved_prefixes = [f"{PREFIX}{p}." for p in (cfg.get("modules_to_save") or [])]
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected: list[str] = []
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _FACTOR_KEYS if key.endswith(s)), None)
+        if key.startswith(PREFIX) and suffix is not None:
+            module = key[len(PREFIX):-len(suffix)]
+            entry = factors.setdefault(module, {})
+            entry[_FACTOR_KEYS[suffix]] = tensor
+            entry["kind"] = "embedding" if "embedding" in suffix else "dense"
+            continue
+        owner = next((pre for pre in saved_prefixes if key.startswith(pre)), None)
+        if owner is not None:
+            saved.setdefault(owner[len(PREFIX):-1], {})[key[len(owner):]] = tensor
+            continue
+        unexpected.append(key)
+    if unexpected:
+        raise AdapterFormatError(f"{weights}: unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    incomplete = [m for m, e in factors.items() if "A" not in e or "B" not in e]
+    if incomplete:
+        raise AdapterFormatError(f"{weights}: missing lora_A or lora_B for modules {incomplete[:5]}")
+    if not factors:
+        raise AdapterFormatError(f"{weights}: holds no LoRA factors")
+    for module, entry in factors.items():
+        for which in ("A", "B"):
+            if not torch.isfinite(entry[which]).all():
+                raise NonFiniteError(f"{weights}: lora_{which} of module {module!r} holds NaN/inf; refusing to load")
+    for module, sd in saved.items():
+        for pname, t in sd.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise NonFiniteError(f"{weights}: saved module {module!r} parameter {pname!r} holds NaN/inf")
+    config = _to_lora_config(cfg, sorted(factors), directory)
+    for module, entry in factors.items():
+        want_r = config.rank_for(module)
+        a, b = entry["A"], entry["B"]
+        if a.shape[0] != want_r or b.shape[1] != want_r:
+            raise AdapterFormatError(
+                f"{weights}: module {module!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B "
+                f"{tuple(b.shape)}) but the config says r={want_r}")
+    return AdapterFile(directory, cfg, config, factors, saved, deltaw_meta)
+
+
+# ---- load ----------------------------------------------------------------------------------------------
+def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> None:
+    """Every module the file names exists, has a supported type, and fits the factor shapes."""
+    modules = dict(model.named_modules())
+    st = model.__dict__.get(api._STATE_ATTR)
+    for path, entry in adapter.factors.items():
+        layer = st.layers.get(path) if st is not None else None
+        base = layer.base_layer if layer is not None else modules.get(path)
+        if base is None:
+            raise TargetError(f"adapter {name!r}: module {path!r} does not exist in this model (wrong base model?)")
+        cls = layer_class_for(base)
+        if cls is None:
+            raise TargetError(f"adapter {name!r}: module {path!r} is a {type(base).__name__}, which LoRA cannot adapt")
+        if (entry["kind"] == "embedding") != (cls is LoraEmbedding):
+            raise AdapterFormatError(f"adapter {name!r}: module {path!r} is a {type(base).__name__} but the file "
+                                     f"stores {'embedding' if entry['kind'] == 'embedding' else 'dense'} factors")
+        probe = layer if layer is not None else cls(base, api.AdapterState())
+        a_shape, b_shape = probe.factor_shapes(entry["A"].shape[0])
+        if tuple(entry["A"].shape) != a_shape or tuple(entry["B"].shape) != b_shape:
+            raise AdapterFormatError(
+                f"adapter {name!r}: shape mismatch at {path!r} (base weight {tuple(base.weight.shape)}): file has "
+                f"lora_A {tuple(entry['A'].shape)}, lora_B {tuple(entry['B'].shape)}; expected {a_shape}, {b_shape}")
+    for path, sd in adapter.saved.items():
+        module = modules.get(path)
+        if module is None:
+            raise TargetError(f"adapter {name!r}: saved module {path!r} does not exist in this model")
+        current = module.state_dict() if not hasattr(module, "original_module") else module.original_module.state_dict()
+        if set(current) != set(sd):
+            raise AdapterFormatError(f"adapter {name!r}: saved module {path!r} has keys {sorted(sd)}, model has "
+                                     f"{sorted(current)}")
+        for k, t in sd.items():
+            if tuple(current[k].shape) != tuple(t.shape):
+                raise AdapterFormatError(f"adapter {name!r}: saved module {path!r}.{k} has shape {tuple(t.shape)}, "
+                                         f"model has {tuple(current[k].shape)}")
+
+
+def _current_fingerprint(model: nn.Module, modules: list[str]) -> dict:
+    st = model.__dict__.get(api._STATE_ATTR)
+    weights = {}
+    for path in modules:
+        layer = st.layers.get(path) if st is not None else None
+        weights[path] = _pristine_weight(layer) if layer is not None else model.get_submodule(path).weight
+    return fp.fingerprint(weights)
+
+
+def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
+         activate: bool = True, allow_base_mismatch: bool = False) -> AdapterInfo:
+    """Load a PEFT-format adapter as ``name``. All checks run before the model is touched; on any error the
+    model is left exactly as it was. ``allow_base_mismatch`` skips only the fingerprint check."""
+    check_name(name)
+    if name in api.adapters(model):
+        raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
+    adapter = read_adapter(path, name)
+    _check_against_model(model, adapter, name)
+    saved_fp = adapter.deltaw_meta.get("fingerprint")
+    if saved_fp:
+        why = fp.compare(saved_fp, _current_fingerprint(model, sorted(adapter.factors)))
+        if why is not None:
+            if not allow_base_mismatch:
+                raise BaseModelMismatchError(
+                    f"adapter {name!r} from {adapter.directory} was trained on another base model: {why}. "
+                    "Pass allow_base_mismatch=True (CLI: --allow-base-mismatch) to load it anyway")
+            log.warning("loading adapter %r onto a different base model: %s", name, why)
+    info = api.attach(model, adapter.config, name, trainable=trainable, activate=False)
+    try:
+        st = api.state(model)
+        with torch.no_grad():
+            for module, entry in adapter.factors.items():
+                a, b = st.layers[module].adapter_parameters(name)
+                a.copy_(entry["A"])
+                b.copy_(entry["B"])
+            for module, sd in adapter.saved.items():
+                st.saved_modules[module].modules_to_save[name].load_state_dict(sd)
+    except BaseException:
+        api.delete(model, name)
+        raise
+    info.metadata.update({k: adapter.peft.get(k) for k in ("task_type", "base_model_name_or_path")})
+    info.metadata["source"] = str(adapter.directory)
+    if activate:
+        api.activate(model, name)
+    return info

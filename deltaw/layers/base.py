@@ -1,0 +1,225 @@
+"""``LoraLayer``: the wrapper every adapted layer shares (LoRA paper §4.1).
+
+    y = base(x) + Σ_live  w_i · s_i · B_i(A_i(dropout(x)))          ΔW_i = B_i · A_i,  s_i = alpha_i / r_i
+
+The base layer is kept untouched as ``base_layer``; each adapter adds ``lora_A[name]`` (r × in) and
+``lora_B[name]`` (out × r). What is live, merged or disabled is read from the model's shared ``AdapterState``.
+Subclasses supply four small pieces: how x meets A, how the rank-r activations meet B, what ΔW looks like in
+the base weight's layout, and the base forward with an explicit weight.
+
+Merging keeps the pre-merge weight (``_pristine``) and always recomputes W = W0 + Σ ΔW from it, so unmerge is a
+pointer swap that restores W0 bit for bit -- subtracting a recomputed delta drifts in bf16/fp16.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABCMeta, abstractmethod
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import MergeError, NonFiniteError
+from ..registry import AdapterState
+
+
+class LoraLayer(nn.Module, metaclass=ABCMeta):
+    """Base class; each registered layer type implements the abstract hooks below."""
+
+    # Embeddings follow PEFT (A zeros, B normal) because a Kaiming A over 50k rows is ~1e-3 and starves B.
+    zero_init_a = False
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState, tied_with: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout_p: dict[str, float] = {}
+        # Plain attributes (not submodules / buffers): shared state and merge bookkeeping.
+        object.__setattr__(self, "_state", state)
+        object.__setattr__(self, "_pristine", None)
+        self.tied_with = tuple(tied_with)  # other parameter names sharing base_layer.weight
+
+    # ---- hooks for subclasses ----------------------------------------------------------------------------
+    @abstractmethod
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(shape of A, shape of B) for rank r."""
+
+    @abstractmethod
+    def max_rank(self) -> int:
+        """The largest rank that can still be low: min(in, out) in the matmul view of the weight."""
+
+    @abstractmethod
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """x -> rank-space activations h, channels last (or dim 1 for convs)."""
+
+    @abstractmethod
+    def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Rank-space activations -> the layer's output space (unscaled)."""
+
+    @abstractmethod
+    def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """ΔW = B·A laid out like base_layer.weight (unscaled)."""
+
+    @abstractmethod
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's forward with an explicit weight (used for the pristine W0 while merged)."""
+
+    rank_dim = -1  # where the rank axis lives in project_in's output (channels-last by default)
+
+    # ---- adapters ----------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+        weight = self.base_layer.weight
+        # Half-precision bases get fp32 factors: the update B·A is tiny next to W0 and would underflow.
+        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        a_shape, b_shape = self.factor_shapes(r)
+        a = torch.empty(a_shape, device=weight.device, dtype=dtype)
+        b = torch.empty(b_shape, device=weight.device, dtype=dtype)
+        if weight.device.type != "meta":
+            if self.zero_init_a:
+                nn.init.zeros_(a)
+                nn.init.normal_(b)
+            elif init == "gaussian":
+                nn.init.normal_(a, std=1.0 / r)
+                nn.init.zeros_(b)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                nn.init.zeros_(b)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.scaling[name] = scaling
+        self.dropout_p[name] = dropout
+
+    def delete_adapter(self, name: str) -> None:
+        del self.lora_A[name]
+        del self.lora_B[name]
+        del self.scaling[name]
+        del self.dropout_p[name]
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def adapter_parameters(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        return self.lora_A[name], self.lora_B[name]
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].shape[0]
+
+    # ---- forward -----------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        state: AdapterState = self._state
+        if self._pristine is not None and state.disabled:
+            return self.base_forward(x, self._pristine)
+        y = self.base_layer(x)
+        if state.disabled:
+            return y
+        if state.rows is not None:
+            return state.rows.apply(self, x, y)
+        for name, weight in state.live:
+            if name in self.lora_A._parameters:
+                y = y + self.lora_out(name, x, y.dtype) * (weight * self.scaling[name])
+        return y
+
+    def lora_out(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """B(A(dropout(x))), unscaled, in ``dtype``."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        p = self.dropout_p[name]
+        if p > 0.0 and self.training:
+            x = F.dropout(x, p)
+        if x.is_floating_point():
+            x = x.to(a.dtype)
+        return self.project_out(self.project_in(x, a), b).to(dtype)
+
+    # ---- merge -------------------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return self._pristine is not None
+
+    def merged_weight(self, merged: Sequence[tuple[str, float]]) -> torch.Tensor | None:
+        """W0 + Σ w·s·ΔW for the adapters in ``merged`` this layer carries; None when it carries none.
+
+        Raises NonFiniteError (nothing changed) if the result is not finite."""
+        mine = [(n, w) for n, w in merged if n in self.lora_A._parameters]
+        if not mine:
+            return None
+        w0 = self._pristine if self._pristine is not None else self.base_layer.weight.data
+        if w0.device.type == "meta":
+            raise MergeError("cannot merge into weights on the meta device: load the base weights first")
+        if self.tied_with:
+            raise MergeError(
+                f"the weight of this layer is tied to {', '.join(self.tied_with)}; merging would change those "
+                "too. Untie the weights first (e.g. clone the output head's weight)"
+            )
+        with torch.no_grad():
+            delta = torch.zeros(w0.shape, dtype=torch.float32, device=w0.device)  # layout of W0
+            for name, weight in mine:
+                a, b = self.lora_A[name], self.lora_B[name]
+                delta += self.delta_weight(a.float(), b.float()) * (weight * self.scaling[name])
+            new = (w0.float() + delta).to(w0.dtype)
+        if not torch.isfinite(new).all():
+            bad = [n for n, _ in mine if not (torch.isfinite(self.lora_A[n]).all() and torch.isfinite(self.lora_B[n]).all())]
+            why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
+            raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
+        return new
+
+    def set_merged(self, new_weight: torch.Tensor | None) -> None:
+        """Install a weight computed by ``merged_weight`` (None: restore the pristine W0 exactly)."""
+        param = self.base_layer.weight
+        if new_weight is None:
+            if self._pristine is not None:
+                param.data = self._pristine
+                object.__setattr__(self, "_pristine", None)
+            return
+        if self._pristine is None:
+            object.__setattr__(self, "_pristine", param.data)
+        param.data = new_weight
+
+    def _apply(self, fn, recurse=True):  # keep the pristine copy on the same device/dtype as the module
+        result = super()._apply(fn, recurse)
+        if self._pristine is not None:
+            object.__setattr__(self, "_pristine", fn(self._pristine))
+        return result
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.rank(n) for n in self.lora_A.keys()}
+        return f"adapters={ranks}, merged={self.merged}"
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full per adapter (e.g. a new classification head), as PEFT's ``modules_to_save``.
+
+    The original stays as ``original_module``; each adapter gets its own copy. The first live adapter that has
+    a copy decides the forward; disabled (or none live) uses the original.
+    """
+
+    def __init__(self, original: nn.Module, state: AdapterState) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        object.__setattr__(self, "_state", state)
+
+    def add_adapter(self, name: str) -> None:
+        module = copy.deepcopy(self.original_module)
+        for p in module.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = module
+
+    def delete_adapter(self, name: str) -> None:
+        del self.modules_to_save[name]
+
+    def current(self) -> nn.Module:
+        state: AdapterState = self._state
+        if not state.disabled:
+            if state.rows is not None:
+                return self.modules_to_save[state.rows.single_head(self)] if state.rows.single_head(self) else self.original_module
+            for name, _ in state.active:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args, **kwargs):
+        return self.current()(*args, **kwargs)

@@ -1,0 +1,38 @@
+"""LoRA for ``nn.Embedding``. A: (r, num_embeddings), B: (dim, r), as PEFT's ``lora_embedding_A/B``.
+
+The lookup replaces the matmul with A: h = A[:, ids]ᵀ (a gather), then y += s · h Bᵀ. ΔW = (B A)ᵀ (num, dim).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LoraLayer
+
+
+class LoraEmbedding(LoraLayer):
+    zero_init_a = True
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        num, dim = self.base_layer.weight.shape
+        return (r, num), (dim, r)
+
+    def max_rank(self) -> int:
+        return min(self.base_layer.weight.shape)
+
+    def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        e = self.base_layer
+        return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+
+    def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self._lookup(x, a.T)  # (...,) ids -> (..., r)
+
+    def project_out(self, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, b)  # (..., r) -> (..., dim)
+
+    def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (b @ a).T  # (num, dim)
+
+    def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._lookup(x, weight)

@@ -1,0 +1,166 @@
+"""The requested attribute mix: per-axis weights (independent) or a table over combinations (joint).
+
+Text syntax, as typed on the command line::
+
+    skin_tone=light:1,medium:1,dark:1          one axis; weights may be ints, decimals or ratios (1/3)
+    skin_tone=light,medium,dark                 a value without ':w' weighs 1
+    skin_tone=light:2,dark:1;gender=female:1,male:1   several axes, ';'-separated (or repeat --mix)
+
+A joint table (``--joint-table FILE``) gives a weight per combination, as CSV with one column per axis and a
+``weight`` column, or JSON ``{"axes": [...], "cells": [{"<axis>": "<value>", ..., "weight": w}, ...]}``.
+Combinations the table does not list have weight 0, which is how a user excludes a specific pairing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from deltaw.plan.axes import AxisRegistry
+from deltaw.plan.errors import PlanError
+from deltaw.plan.quotas import Weight, normalise_weights, to_fraction
+
+MixSpec = Mapping[str, Mapping[str, Weight]]
+
+
+@dataclass(frozen=True)
+class JointTable:
+    """Weights over combinations of values of ``axes`` (a cell key lists one value per axis, in ``axes`` order)."""
+
+    axes: tuple[str, ...]
+    weights: Mapping[tuple[str, ...], Fraction]
+
+    def __post_init__(self) -> None:
+        if not self.axes:
+            raise PlanError("joint table: no axes")
+        if len(set(self.axes)) != len(self.axes):
+            raise PlanError(f"joint table: an axis is listed twice in {list(self.axes)}")
+        cells: dict[tuple[str, ...], Fraction] = {}
+        for key, weight in self.weights.items():
+            key = tuple(key)
+            if len(key) != len(self.axes):
+                raise PlanError(f"joint table: cell {key} has {len(key)} values for {len(self.axes)} axes")
+            cells[key] = to_fraction(weight, label=f"joint table: weight of {'/'.join(key)}")
+        normalise_weights(cells, what="joint table")  # rejects an empty table or all-zero weights
+        object.__setattr__(self, "axes", tuple(self.axes))
+        object.__setattr__(self, "weights", MappingProxyType(cells))
+
+    def validate(self, registry: AxisRegistry) -> None:
+        """Raise :class:`PlanError` for an unknown axis or value anywhere in the table."""
+        for axis in self.axes:
+            registry.axis(axis)
+        for key in self.weights:
+            for axis, value in zip(self.axes, key):
+                registry.check_value(axis, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "axes": list(self.axes),
+            "cells": [{**dict(zip(self.axes, key)), "weight": str(w)} for key, w in self.weights.items()],
+        }
+
+
+def parse_mix(specs: str | Iterable[str]) -> dict[str, dict[str, Fraction]]:
+    """Parse the ``--mix`` syntax (see the module docstring) into ``{axis: {value: weight}}``, order kept."""
+    if isinstance(specs, str):
+        specs = [specs]
+    out: dict[str, dict[str, Fraction]] = {}
+    for spec in specs:
+        for part in spec.split(";"):
+            part = part.strip()
+            if not part:
+                continue
+            axis, sep, body = part.partition("=")
+            axis = axis.strip()
+            if not sep or not axis:
+                raise PlanError(f"mix {part!r}: expected AXIS=VALUE:WEIGHT,... e.g. skin_tone=light:1,dark:1")
+            if axis in out:
+                raise PlanError(f"mix: axis {axis!r} is given twice")
+            weights: dict[str, Fraction] = {}
+            for item in body.split(","):
+                item = item.strip()
+                if not item:
+                    raise PlanError(f"mix for {axis!r}: empty entry in {body!r}")
+                value, sep, weight = item.partition(":")
+                value = value.strip()
+                if not value:
+                    raise PlanError(f"mix for {axis!r}: entry {item!r} has no value name")
+                if value in weights:
+                    raise PlanError(f"mix for {axis!r}: value {value!r} is given twice")
+                weights[value] = to_fraction(weight if sep else "1", label=f"mix for {axis!r}: weight of {value!r}")
+            out[axis] = weights
+    return out
+
+
+def normalise_mix(mix: str | MixSpec | None) -> dict[str, dict[str, Fraction]]:
+    """Accept the text syntax or a mapping; return exact weights and check each axis sums to a positive number."""
+    if mix is None:
+        return {}
+    parsed = parse_mix(mix) if isinstance(mix, str) else {
+        str(axis): {str(v): to_fraction(w, label=f"mix for {axis!r}: weight of {v!r}") for v, w in values.items()}
+        for axis, values in mix.items()
+    }
+    for axis, weights in parsed.items():
+        normalise_weights(weights, what=f"mix for {axis!r}")
+    return parsed
+
+
+def validate_mix(mix: Mapping[str, Mapping[str, Fraction]], registry: AxisRegistry) -> None:
+    """Raise :class:`PlanError` for an unknown axis or value."""
+    for axis, weights in mix.items():
+        registry.axis(axis)
+        for value in weights:
+            registry.check_value(axis, value)
+
+
+def product_table(mix: Mapping[str, Mapping[str, Fraction]]) -> JointTable:
+    """The joint table whose cell weights are the products of the per-axis probabilities (``--joint``)."""
+    axes = tuple(mix)
+    cells: dict[tuple[str, ...], Fraction] = {(): Fraction(1)}
+    for axis in axes:
+        probs = normalise_weights(mix[axis], what=f"mix for {axis!r}")
+        cells = {key + (value,): w * p for key, w in cells.items() for value, p in probs.items()}
+    return JointTable(axes, cells)
+
+
+def load_joint_table(path: str | Path) -> JointTable:
+    """Read a joint table from CSV or JSON (by extension; see the module docstring for the layouts)."""
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"joint table {str(path)!r} does not exist")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"joint table {str(path)!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, Mapping) or not isinstance(data.get("cells"), list):
+            raise PlanError(f"joint table {str(path)!r}: expected {{'axes': [...], 'cells': [...]}}")
+        rows: list[Mapping[str, Any]] = data["cells"]
+        axes = tuple(data.get("axes") or [k for k in rows[0] if k != "weight"] if rows else ())
+    else:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            axes = tuple(name.strip() for name in (reader.fieldnames or []) if name.strip() != "weight")
+    if not rows:
+        raise PlanError(f"joint table {str(path)!r} has no rows")
+    cells: dict[tuple[str, ...], Weight] = {}
+    for i, row in enumerate(rows, start=1):
+        row = {str(k).strip(): v for k, v in row.items()}
+        if "weight" not in row:
+            raise PlanError(f"joint table {str(path)!r}: row {i} has no 'weight'")
+        missing = [axis for axis in axes if not row.get(axis)]
+        if missing:
+            raise PlanError(f"joint table {str(path)!r}: row {i} has no value for {', '.join(missing)}")
+        key = tuple(str(row[axis]).strip() for axis in axes)
+        if key in cells:
+            raise PlanError(f"joint table {str(path)!r}: combination {'/'.join(key)} is listed twice")
+        weight = row["weight"]
+        cells[key] = weight.strip() if isinstance(weight, str) else weight
+    return JointTable(axes, cells)

@@ -1,0 +1,120 @@
+"""Exact proportional quotas: how many of ``n`` entities get each value.
+
+Why code and not a language model: asked for "a mix", generative models drift towards whatever their
+training data over-represents, and extra LoRAs only fight that drift. Counting is arithmetic, so we do it
+exactly here and hand the image model one already-decided prompt per person.
+
+The method is Hamilton's (largest remainder) with the remainder seats drawn at random, as in Grimmett's
+stochastic apportionment (G. Grimmett, "Stochastic apportionment", Amer. Math. Monthly 111(4), 2004):
+
+* every value first gets ``floor(n * p)`` seats (its lower quota);
+* the ``r`` seats left over go to values with probability equal to their fractional remainder
+  ``n * p - floor(n * p)``, by systematic sampling over a random order of the values.
+
+Consequences, which the tests check:
+
+* each count is ``floor(n*p)`` or ``ceil(n*p)`` (the quota property: never more than one seat off);
+* the counts add up to ``n`` exactly;
+* the expected count of each value is exactly ``n * p``, so over many plans the empirical mix converges to the
+  target. Plain largest-remainder does not have this property: with ``n = 1`` and weights 5:3:2 it would hand
+  the single seat to the first value every time, and a mix of one-person plans would be 100 % that value;
+* values with weight 0 never get a seat; when remainders tie (e.g. thirds with ``n = 5``) the seats go to a
+  uniformly random subset of the tied values.
+
+Arithmetic is done in :class:`fractions.Fraction` so that ``n * p`` is exact (no ``2.9999999`` floors).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Hashable, Mapping
+from fractions import Fraction
+from typing import TypeVar
+
+from deltaw.plan.errors import PlanError
+
+K = TypeVar("K", bound=Hashable)
+Weight = int | float | Fraction | str
+
+MAX_COUNT = 64
+
+
+def to_fraction(weight: Weight, *, label: str = "weight") -> Fraction:
+    """Parse one weight exactly: ints, decimal strings ("0.25"), ratios ("1/3"), floats (via their shortest repr).
+
+    Rejects negatives, NaN and infinities with a :class:`PlanError` naming ``label``.
+    """
+    if isinstance(weight, bool):
+        raise PlanError(f"{label}: {weight!r} is not a number")
+    try:
+        if isinstance(weight, float):
+            if not math.isfinite(weight):
+                raise PlanError(f"{label}: {weight!r} is not a finite number")
+            value = Fraction(repr(weight))  # 0.1 -> 1/10, not the binary expansion
+        elif isinstance(weight, (int, Fraction)):
+            value = Fraction(weight)
+        elif isinstance(weight, str):
+            value = Fraction(weight.strip())
+        else:
+            raise PlanError(f"{label}: {weight!r} is not a number")
+    except (ValueError, ZeroDivisionError):
+        raise PlanError(f"{label}: {weight!r} is not a number (use e.g. 1, 0.25 or 1/3)") from None
+    if value < 0:
+        raise PlanError(f"{label}: {weight!r} is negative; weights must be >= 0")
+    return value
+
+
+def normalise_weights(weights: Mapping[K, Weight], *, what: str = "weights") -> dict[K, Fraction]:
+    """Exact probabilities from weights. Raises :class:`PlanError` if empty, negative, or not summing above 0."""
+    if not weights:
+        raise PlanError(f"{what}: no values given")
+    exact = {key: to_fraction(w, label=f"{what}: weight of {key!r}") for key, w in weights.items()}
+    total = sum(exact.values(), Fraction(0))
+    if total <= 0:
+        raise PlanError(f"{what}: weights sum to {total}; at least one value needs a positive weight")
+    return {key: w / total for key, w in exact.items()}
+
+
+def check_count(n: int) -> None:
+    """Raise :class:`PlanError` unless ``1 <= n <= MAX_COUNT``."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise PlanError(f"count must be an integer, not {n!r}")
+    if not 1 <= n <= MAX_COUNT:
+        raise PlanError(f"count {n} is out of range: a plan holds 1 to {MAX_COUNT} entities")
+
+
+def assign_quotas(n: int, weights: Mapping[K, Weight], rng: random.Random) -> dict[K, int]:
+    """Counts per value for ``n`` entities in proportion to ``weights`` (see the module docstring for the method).
+
+    Returns a dict in the order of ``weights`` (zero-weight values included, with count 0). ``rng`` is a
+    :class:`random.Random`; the same ``rng`` state gives the same counts.
+    """
+    check_count(n)
+    probs = normalise_weights(weights)
+    quotas = {key: n * p for key, p in probs.items()}
+    counts = {key: math.floor(q) for key, q in quotas.items()}
+    remainders = {key: quotas[key] - counts[key] for key in quotas}
+    seats_left = n - sum(counts.values())  # equals the sum of remainders, an integer in [0, len(weights))
+    if seats_left:
+        # Systematic sampling over a random order: points U, U+1, ..., U+r-1 fall in the half-open intervals
+        # laid end to end, each of length = remainder < 1, so each value gets at most one extra seat and
+        # gets it with probability exactly its remainder. The random order makes ties symmetric.
+        order = [key for key, rem in remainders.items() if rem > 0]
+        rng.shuffle(order)
+        u = Fraction(rng.random())
+        point, edge = u, Fraction(0)
+        for key in order:
+            edge += remainders[key]
+            if point < edge:
+                counts[key] += 1
+                point += 1
+    assert sum(counts.values()) == n, "apportionment must place every entity"
+    return counts
+
+
+def deal(counts: Mapping[K, int], rng: random.Random) -> list[K]:
+    """The counts as a list of ``sum(counts)`` values in random order, so position carries no information."""
+    items = [key for key, c in counts.items() for _ in range(c)]
+    rng.shuffle(items)
+    return items
