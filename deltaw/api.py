@@ -77,12 +77,6 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
     if config.exclude_modules:
         chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, p)]
     chosen = [(p, m) for p, m in chosen if not _matches(config.modules_to_save, p)]
-    if not chosen:
-        kinds = sorted({f"{p.rsplit('.', 1)[-1]} ({type(m).__name__})" for p, m in candidates})
-        raise TargetError(
-            f"target_modules={config.target_modules!r} matched no supported module. Modules that can be "
-            f"targeted (by name suffix): {', '.join(kinds) or 'none'}"
-        )
     # Any module named by target_modules that exists but has an unsupported type is an error, not a skip.
     if not isinstance(config.target_modules, str):
         for path, module in model.named_modules():
@@ -90,6 +84,12 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
                     module, (LoraLayer, ModulesToSave)) and not any(path.startswith(p + ".") for p, _ in chosen):
                 raise TargetError(f"module {path!r} ({type(module).__name__}) matches target_modules but deltaw "
                                   "supports only Linear, transformers Conv1D, Embedding and Conv1d/2d/3d")
+    if not chosen:
+        kinds = sorted({f"{p.rsplit('.', 1)[-1]} ({type(m).__name__})" for p, m in candidates})
+        raise TargetError(
+            f"target_modules={config.target_modules!r} matched no supported module. Modules that can be "
+            f"targeted (by name suffix): {', '.join(kinds) or 'none'}"
+        )
     return chosen
 
 

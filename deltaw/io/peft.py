@@ -282,6 +282,19 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> N
             raise AdapterFormatError(
                 f"adapter {name!r}: shape mismatch at {path!r} (base weight {tuple(base.weight.shape)}): file has "
                 f"lora_A {tuple(entry['A'].shape)}, lora_B {tuple(entry['B'].shape)}; expected {a_shape}, {b_shape}")
+    declared = adapter.peft.get("target_modules")
+    if declared and not adapter.peft.get("layers_to_transform"):
+        # Everything the config targets must have its factors in the file (PEFT matching rules).
+        spec = declared if isinstance(declared, str) else tuple(declared)
+        exclude = adapter.peft.get("exclude_modules") or ()
+        exclude = exclude if isinstance(exclude, str) else tuple(exclude)
+        keep = set(adapter.peft.get("modules_to_save") or ())
+        wanted = {p for p, m in api._candidates(model) if api._matches(spec, p)
+                  and not (exclude and api._matches(exclude, p)) and not api._matches(tuple(keep), p)}
+        missing = sorted(wanted - set(adapter.factors))
+        if missing:
+            raise AdapterFormatError(f"adapter {name!r}: the config targets {len(missing)} module(s) with no weights "
+                                     f"in the file (missing keys), e.g. {missing[:3]}")
     for path, sd in adapter.saved.items():
         module = modules.get(path)
         if module is None:

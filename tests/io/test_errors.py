@@ -1,0 +1,209 @@
+"""Bad input: every failure names the problem, and a failed load leaves the model exactly as it was."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import deltaw
+from toy_models import CASES, MLP, randomize, tiny_llama
+
+LLAMA = next(c for c in CASES if c.name == "llama")
+
+
+def snapshot(model):
+    return ([type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()},
+            deltaw.adapters(model), deltaw.active(model) if deltaw.adapters(model) else ())
+
+
+def assert_unchanged(model, snap):
+    types, sd, names, act = snap
+    assert [type(m).__name__ for m in model.modules()] == types
+    now = model.state_dict()
+    assert set(now) == set(sd) and all(torch.equal(now[k], v) for k, v in sd.items())
+    assert deltaw.adapters(model) == names
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = LLAMA.build()
+    deltaw.attach(model, LLAMA.config, "a")
+    randomize(model, "a")
+    deltaw.save(model, tmp_path / "a", "a")
+    return tmp_path / "a"
+
+
+@pytest.fixture
+def target():
+    """A model that already holds another adapter, so 'unchanged' covers existing state too."""
+    model = LLAMA.build()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"]), "other")
+    return model
+
+
+def _rewrite(path, fn):
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    fn(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def test_wrong_base_model_is_refused_then_overridable(saved, target):
+    other = LLAMA.build(seed=99)  # same shapes, other weights
+    snap = snapshot(other)
+    with pytest.raises(deltaw.BaseModelMismatchError, match="another base model"):
+        deltaw.load(other, saved, "a")
+    assert_unchanged(other, snap)
+    deltaw.load(other, saved, "a", allow_base_mismatch=True)
+    assert deltaw.adapters(other) == ["a"]
+
+
+def test_same_base_in_bf16_is_accepted(saved):
+    model = LLAMA.build().to(torch.bfloat16)
+    deltaw.load(model, saved, "a")
+
+
+def test_shape_mismatch_names_module_and_shapes(saved):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    wider = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    snap = snapshot(wider)
+    with pytest.raises(deltaw.AdapterFormatError, match=r"shape mismatch at 'model.layers.0.*\(48"):
+        deltaw.load(wider, saved, "a")
+    assert_unchanged(wider, snap)
+
+
+def test_rank_mismatch(saved, target):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["r"], cfg["rank_pattern"] = 8, {}
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match=r"has rank \d .* config says r=8"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+def test_missing_key(saved, target):
+    _rewrite(saved, lambda t: t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"))
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match="missing lora_A or lora_B.*up_proj"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+def test_missing_module_named_by_config(saved, target):
+    def drop(t):
+        t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight")
+        t.pop("base_model.model.model.layers.1.mlp.up_proj.lora_B.weight")
+    _rewrite(saved, drop)
+    with pytest.raises(deltaw.AdapterFormatError, match="missing keys.*up_proj"):
+        deltaw.load(target, saved, "a")
+
+
+def test_unexpected_key(saved, target):
+    _rewrite(saved, lambda t: t.__setitem__("base_model.model.model.layers.0.mystery.weight", torch.zeros(2)))
+    with pytest.raises(deltaw.AdapterFormatError, match="unexpected keys.*mystery"):
+        deltaw.load(target, saved, "a")
+
+
+def test_module_missing_from_model(saved):
+    snap_model = MLP()
+    with pytest.raises(deltaw.TargetError, match="does not exist in this model"):
+        deltaw.load(snap_model, saved, "a")
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage", "empty"])
+def test_corrupt_or_truncated_file(saved, target, how):
+    f = saved / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00garbage" * 100, "empty": b""}[how])
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match="corrupt or truncated"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+def test_invalid_config_json(saved, target):
+    (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(deltaw.AdapterFormatError, match="invalid JSON"):
+        deltaw.load(target, saved, "a")
+
+
+def test_unsupported_peft_options(saved, target):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(deltaw.AdapterFormatError, match="use_dora"):
+        deltaw.load(target, saved, "a")
+
+
+def test_pickle_file_is_never_loaded(tmp_path, target):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(deltaw.AdapterFormatError, match="never loaded"):
+        deltaw.load(target, tmp_path, "a")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights(saved, target, value):
+    def poison(t):
+        t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 0] = value
+    _rewrite(saved, poison)
+    snap = snapshot(target)
+    with pytest.raises(deltaw.NonFiniteError, match="q_proj"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+def test_not_a_directory_or_missing(tmp_path, target):
+    with pytest.raises(deltaw.AdapterFormatError, match="does not exist"):
+        deltaw.load(target, tmp_path / "nope", "a")
+    with pytest.raises(deltaw.AdapterFormatError, match="not a PEFT adapter"):
+        deltaw.load(target, tmp_path, "a")
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", "a.b", " x", "x" * 65, 3, "/abs"])
+def test_unsafe_names(name, saved):
+    model = LLAMA.build()
+    with pytest.raises(deltaw.AdapterNameError, match="unsafe adapter name"):
+        deltaw.attach(model, LLAMA.config, name)
+    with pytest.raises(deltaw.AdapterNameError, match="unsafe adapter name"):
+        deltaw.load(model, saved, name)
+    assert deltaw.adapters(model) == []
+
+
+def test_unknown_and_duplicate_names(saved, target):
+    with pytest.raises(deltaw.AdapterNameError, match="unknown adapter 'nope'; resident adapters: other"):
+        deltaw.activate(target, "nope")
+    with pytest.raises(deltaw.AdapterNameError, match="unknown adapter"):
+        deltaw.delete(target, "nope")
+    with pytest.raises(deltaw.AdapterNameError, match="already exists"):
+        deltaw.load(target, saved, "other")
+    with pytest.raises(deltaw.AdapterNameError, match="unknown adapter"):
+        deltaw.save(target, saved, "nope")
+    with pytest.raises(deltaw.AdapterNameError, match="no deltaw adapters"):
+        deltaw.activate(MLP(), "a")
+
+
+def test_unknown_targets_list_what_exists():
+    with pytest.raises(deltaw.TargetError, match=r"q_proj \(Linear\)"):
+        deltaw.attach(tiny_llama(), deltaw.LoraConfig(target_modules=["qkv"]))
+
+
+def test_rank_too_large():
+    model = MLP()
+    with pytest.raises(deltaw.TargetError, match=r"rank 13 for 'fc1' exceeds min\(in, out\) = 12"):
+        deltaw.attach(model, deltaw.LoraConfig(r=13, target_modules=["fc1"]))
+    assert deltaw.adapters(model) == [] and type(model.fc1).__name__ == "Linear"
+
+
+def test_unsupported_target_type():
+    with pytest.raises(deltaw.TargetError, match="supports only"):
+        deltaw.attach(tiny_llama(), deltaw.LoraConfig(target_modules=["input_layernorm"]))
+
+
+@pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=2.5), dict(alpha=-1), dict(dropout=1.0), dict(init="xavier"),
+                                    dict(target_modules=()), dict(rank_pattern={"q": 0}), dict(target_modules="(")])
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        deltaw.LoraConfig(**kwargs)

@@ -1,0 +1,148 @@
+"""Merge/unmerge identities: bit-exact restoration for every dtype, refusal of NaN/inf, tied weights, meta."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import deltaw
+from toy_models import randomize, tiny_gpt2, tiny_llama
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    in_f=st.integers(1, 48), out_f=st.integers(1, 48), rank_frac=st.floats(0.01, 1.0),
+    dtype=st.sampled_from(DTYPES), cycles=st.integers(1, 6), weight=st.floats(-3, 3),
+    kind=st.sampled_from(["linear", "embedding", "conv2d"]), seed=st.integers(0, 2**16),
+)
+def test_merge_unmerge_restores_bits(in_f, out_f, rank_frac, dtype, cycles, weight, kind, seed):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = nn.Linear(in_f, out_f)
+    elif kind == "embedding":
+        layer = nn.Embedding(in_f, out_f)
+    else:
+        layer = nn.Conv2d(in_f, out_f, kernel_size=2)
+    model = nn.Sequential(layer).to(dtype)
+    max_r = min(in_f, out_f) if kind != "conv2d" else min(out_f, in_f * 4)
+    r = max(1, int(rank_frac * max_r))
+    deltaw.attach(model, deltaw.LoraConfig(r=r, alpha=2 * r, target_modules=["0"]), "a")
+    randomize(model, "a", std=0.5, seed=seed)
+    w0 = model[0].base_layer.weight.detach().clone()
+    for _ in range(cycles):
+        deltaw.merge(model, {"a": weight})
+        assert model[0].merged
+        deltaw.unmerge(model)
+    assert torch.equal(model[0].base_layer.weight, w0)
+    assert model[0].base_layer.weight.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_thousand_merge_cycles_are_exact(dtype):
+    model = tiny_llama().to(dtype)
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a", std=0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for _ in range(1000):
+        deltaw.merge(model, "a")
+        deltaw.unmerge(model, "a")
+    worst = max((model.state_dict()[k].float() - v.float()).abs().max().item() for k, v in before.items())
+    assert worst == 0.0
+
+
+def test_merge_changes_weights_and_matches_live_in_bf16():
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16)
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a", std=0.1)
+    x = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        live = model(x).logits.float()
+        deltaw.merge(model)
+        merged = model(x).logits.float()
+    assert (merged - live).abs().max() < 0.1  # bf16 rounding of W0 + ΔW, not a double application
+    assert deltaw.state(model).layers["model.layers.0.self_attn.q_proj"].merged
+
+
+def test_merge_refuses_nan_and_changes_nothing():
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "good")
+    randomize(model, "a")
+    randomize(model, "good")
+    deltaw.merge(model, "good")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        deltaw.state(model).layers["model.layers.1.mlp.down_proj"].lora_B["a"][0, 0] = float("nan")
+    with pytest.raises(deltaw.NonFiniteError, match="NaN"):
+        deltaw.merge(model, "a")
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if "lora" not in k)
+    assert deltaw.merged(model) == (("good", 1.0),)
+
+
+def test_merge_refuses_overflow_in_fp16():
+    model = nn.Sequential(nn.Linear(4, 4)).half()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(model, "a"):
+            p.fill_(300.0)
+    w0 = model[0].base_layer.weight.clone()
+    with pytest.raises(deltaw.NonFiniteError, match="overflow"):
+        deltaw.merge(model, "a")
+    assert torch.equal(model[0].base_layer.weight, w0) and deltaw.merged(model) == ()
+
+
+def test_merge_refuses_tied_weight():
+    model = tiny_llama(tie=True)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["embed_tokens"]), "a")
+    randomize(model, "a")
+    with pytest.raises(deltaw.MergeError, match="tied"):
+        deltaw.merge(model, "a")
+    assert deltaw.merged(model) == ()
+
+
+def test_delete_merged_adapter_is_refused():
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=2), "a")
+    deltaw.merge(model, "a")
+    with pytest.raises(deltaw.MergeError, match="unmerge"):
+        deltaw.delete(model, "a")
+
+
+def test_unmerge_of_unmerged_adapter_is_refused():
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=2), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=2), "b")
+    deltaw.merge(model, "a")
+    with pytest.raises(deltaw.MergeError, match="not merged"):
+        deltaw.unmerge(model, "b")
+
+
+def test_merge_is_idempotent_and_reweightable():
+    model = tiny_gpt2()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["c_attn"]), "a")
+    randomize(model, "a")
+    w = model.transformer.h[0].attn.c_attn.base_layer.weight
+    deltaw.merge(model, "a")
+    once = w.detach().clone()
+    deltaw.merge(model, "a")
+    assert torch.equal(w, once)
+    deltaw.merge(model, {"a": 0.5})
+    assert deltaw.merged(model) == (("a", 0.5),) and not torch.equal(w, once)
+
+
+def test_meta_device_counts_gpt3_175b_adapter_without_allocating():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    cfg = GPT2Config(n_embd=12288, n_layer=96, n_head=96, vocab_size=50257, n_positions=2048)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(cfg)
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules=["c_attn"]), "a")
+    # per layer: A (4, 12288) + B (3*12288, 4)
+    assert deltaw.count_parameters(model) == 96 * 4 * (12288 + 3 * 12288)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    with pytest.raises(deltaw.MergeError, match="meta"):
+        deltaw.merge(model, "a")
