@@ -215,7 +215,8 @@ class ModulesToSave(nn.Module):
         state: AdapterState = self._state
         if not state.disabled:
             if state.rows is not None:
-                return self.modules_to_save[state.rows.single_head(self)] if state.rows.single_head(self) else self.original_module
+                head = state.rows.single_head(self)
+                return self.modules_to_save[head] if head is not None else self.original_module
             for name, _ in state.active:
                 if name in self.modules_to_save:
                     return self.modules_to_save[name]
