@@ -110,3 +110,23 @@ def test_delete_removes_parameters(case):
     assert deltaw.adapters(model) == ["b"] and deltaw.active(model) == ()
     assert deltaw.count_parameters(model) == n_before // 2
     assert torch.equal(case.run(model, x), base)
+
+
+def test_training_with_dropout_updates_only_adapter(case):
+    """One optimizer step in train mode with dropout: adapters move, base weights do not (embeddings included:
+    dropout must not be applied to integer ids)."""
+    import dataclasses
+    model, x = case.build(), case.input()
+    deltaw.attach(model, dataclasses.replace(case.config, dropout=0.1), "a")
+    randomize(model, "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    out = model(x)
+    out = out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
+    out.float().pow(2).mean().backward()
+    opt.step()
+    after = model.state_dict()
+    adapter_keys = {k for k in after if ".lora_A." in k or ".lora_B." in k}
+    assert adapter_keys and any(not torch.equal(after[k], before[k]) for k in adapter_keys)
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in adapter_keys)

@@ -128,9 +128,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         """B(A(dropout(x))), unscaled, in ``dtype``."""
         a, b = self.lora_A[name], self.lora_B[name]
         p = self.dropout_p[name]
-        if p > 0.0 and self.training:
-            x = F.dropout(x, p)
-        if x.is_floating_point():
+        if x.is_floating_point():  # embedding ids get neither dropout nor a cast
+            if p > 0.0 and self.training:
+                x = F.dropout(x, p)
             x = x.to(a.dtype)
         return self.project_out(self.project_in(x, a), b).to(dtype)
 
