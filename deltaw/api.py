@@ -16,7 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
-from .layers.linear import hf_conv1d_type
+from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
 
 _STATE_ATTR = "_deltaw_state"
@@ -69,9 +69,8 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
     candidates = list(_candidates(model))
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
-        linear_types = tuple(t for t in (nn.Linear, hf_conv1d_type()) if t is not None)
-        chosen = [(p, m) for p, m in candidates
-                  if isinstance(m, linear_types) and m is not head and not p.endswith("lm_head")]
+        chosen = [(p, m) for p, m in candidates if layer_class_for(m) in (LoraLinear, LoraConv1D)
+                  and m is not head and not p.endswith("lm_head")]
     else:
         chosen = [(p, m) for p, m in candidates if _matches(config.target_modules, p)]
     if config.exclude_modules:

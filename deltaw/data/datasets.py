@@ -2,8 +2,8 @@
 
 Why plain frozen dataclasses of lists rather than ``datasets.Dataset`` or a ``torch.utils.data.Dataset``:
 the corpora we handle are small (thousands of documents), the trainers want random access and their own
-batching/tokenisation, and a dependency-free container keeps ``deltaw.data`` importable without
-``torch`` or Hugging Face ``datasets``. ``frozen=True`` stops fields being rebound by accident; the lists
+batching/tokenisation, and a dependency-free container needs neither Hugging Face ``datasets`` nor a
+tokenizer to build. ``frozen=True`` stops fields being rebound by accident; the lists
 themselves are fresh copies per load, so mutating one never leaks into another caller's copy.
 """
 
@@ -11,7 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["TextDataset", "PromptResponseDataset"]
+from deltaw.errors import DeltawError
+
+__all__ = ["DatasetError", "TextDataset", "PromptResponseDataset"]
+
+
+class DatasetError(DeltawError, ValueError):
+    """Data that cannot be loaded as asked: unknown split/topic, empty or malformed file, inconsistent fields.
+
+    A ``ValueError`` too, so generic argument-checking code keeps working; a ``DeltawError`` so that
+    ``except deltaw.DeltawError`` catches every deltaw failure.
+    """
 
 
 @dataclass(frozen=True)
@@ -36,13 +46,13 @@ class TextDataset:
     def __post_init__(self) -> None:
         n = len(self.texts)
         if self.labels and len(self.labels) != n:
-            raise ValueError(f"TextDataset: {len(self.labels)} labels for {n} texts; give one label per text, or none.")
+            raise DatasetError(f"TextDataset: {len(self.labels)} labels for {n} texts; give one label per text, or none.")
         if self.ids and len(self.ids) != n:
-            raise ValueError(f"TextDataset: {len(self.ids)} ids for {n} texts; give one id per text, or none.")
+            raise DatasetError(f"TextDataset: {len(self.ids)} ids for {n} texts; give one id per text, or none.")
         if self.labels:
             bad = [y for y in self.labels if not 0 <= y < len(self.label_names)]
             if bad:
-                raise ValueError(
+                raise DatasetError(
                     f"TextDataset: label ids {sorted(set(bad))[:5]} are outside 0..{len(self.label_names) - 1}; "
                     "every label must index label_names."
                 )
@@ -72,12 +82,12 @@ class PromptResponseDataset:
 
     def __post_init__(self) -> None:
         if len(self.prompts) != len(self.responses):
-            raise ValueError(
+            raise DatasetError(
                 f"PromptResponseDataset: {len(self.prompts)} prompts but {len(self.responses)} responses; "
                 "they must pair up one to one."
             )
         if self.ids and len(self.ids) != len(self.prompts):
-            raise ValueError(
+            raise DatasetError(
                 f"PromptResponseDataset: {len(self.ids)} ids for {len(self.prompts)} examples; give one id per example, or none."
             )
 

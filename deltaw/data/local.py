@@ -2,7 +2,7 @@
 
 Accepted layouts, chosen to cover what people actually have lying around without a schema file:
 
-* **a directory** - one document per ``*.txt`` file. If the directory holds ``*.txt`` files directly,
+* **a directory** - one document per ``*.txt`` file (entries whose name starts with ``.`` are skipped). If the directory holds ``*.txt`` files directly,
   they are unlabeled documents. If it holds only sub-directories of ``*.txt`` files
   (``root/<label>/*.txt``, the layout of the BBC corpus), the sub-directory name is the label. Both at
   once is ambiguous and rejected.
@@ -26,7 +26,7 @@ import os
 import warnings
 from pathlib import Path
 
-from deltaw.data.datasets import PromptResponseDataset, TextDataset
+from deltaw.data.datasets import DatasetError, PromptResponseDataset, TextDataset
 
 __all__ = ["load_local"]
 
@@ -49,11 +49,11 @@ def load_local(path: str | os.PathLike[str], expect: str | None = None) -> TextD
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unsupported file type, no documents, a malformed JSONL line (file and line number
+        DatasetError: (a ``ValueError``) unsupported file type, no documents, a malformed JSONL line (file and line number
             are named), mixed schemas, or a kind other than ``expect``.
     """
     if expect is not None and expect not in _KINDS:
-        raise ValueError(f"expect={expect!r} is not one of {_KINDS} (or None).")
+        raise DatasetError(f"expect={expect!r} is not one of {_KINDS} (or None).")
     p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"Dataset path {str(p)!r} does not exist; pass a directory of .txt files, a .txt or a .jsonl file.")
@@ -64,16 +64,16 @@ def load_local(path: str | os.PathLike[str], expect: str | None = None) -> TextD
     elif p.suffix.lower() == ".jsonl":
         dataset = _load_jsonl(p)
     else:
-        raise ValueError(
+        raise DatasetError(
             f"Unsupported dataset file {str(p)!r} (suffix {p.suffix!r}); use a directory of .txt files, "
             "a .txt file (one document per line) or a .jsonl file (one JSON object per line)."
         )
     if len(dataset) == 0:
-        raise ValueError(f"Dataset {str(p)!r} contains no documents; add some text or point to another path.")
+        raise DatasetError(f"Dataset {str(p)!r} contains no documents; add some text or point to another path.")
     kind = "prompt_response" if isinstance(dataset, PromptResponseDataset) else "text"
     if expect is not None and kind != expect:
         found = "prompt/response pairs" if kind == "prompt_response" else "plain texts"
-        raise ValueError(
+        raise DatasetError(
             f"Dataset {str(p)!r} holds {found}, but {expect!r} data is needed here; "
             + ('give a .jsonl file of {"prompt": ..., "response": ...} lines.' if expect == "prompt_response"
                else 'give .txt files or a .jsonl file of {"text": ...} lines.')
@@ -96,11 +96,16 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8-sig", errors="replace")
 
 
+def _visible(folder: Path) -> list[Path]:
+    """Entries not starting with "." (skips .git, .ipynb_checkpoints and editors' swap files)."""
+    return [p for p in folder.iterdir() if not p.name.startswith(".")]
+
+
 def _load_dir(root: Path) -> TextDataset:
-    top_files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() == ".txt")
-    label_dirs = sorted(d for d in root.iterdir() if d.is_dir() and any(f.suffix.lower() == ".txt" for f in d.iterdir()))
+    top_files = sorted(p for p in _visible(root) if p.is_file() and p.suffix.lower() == ".txt")
+    label_dirs = sorted(d for d in _visible(root) if d.is_dir() and any(f.suffix.lower() == ".txt" for f in _visible(d)))
     if top_files and label_dirs:
-        raise ValueError(
+        raise DatasetError(
             f"Directory {str(root)!r} mixes .txt files ({top_files[0].name}, ...) with label sub-directories "
             f"({label_dirs[0].name}/, ...); put every document in a label sub-directory, or none of them."
         )
@@ -116,7 +121,7 @@ def _load_dir(root: Path) -> TextDataset:
         return TextDataset(texts=texts, labels=[], label_names=[], ids=ids)
     label_names = [d.name for d in label_dirs]
     for label, d in enumerate(label_dirs):
-        for f in sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() == ".txt"):
+        for f in sorted(p for p in _visible(d) if p.is_file() and p.suffix.lower() == ".txt"):
             text = _read_text(f).strip()
             if text:
                 texts.append(text)
@@ -157,23 +162,23 @@ def _load_jsonl(path: Path) -> TextDataset | PromptResponseDataset:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{where}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
+            raise DatasetError(f"{where}, line {lineno}: not valid JSON ({exc.msg} at column {exc.colno}); "
                              "each line must be one JSON object.") from exc
         if not isinstance(record, dict):
-            raise ValueError(f"{where}, line {lineno}: expected a JSON object, got {type(record).__name__}; "
+            raise DatasetError(f"{where}, line {lineno}: expected a JSON object, got {type(record).__name__}; "
                              f"use one of {_SCHEMAS}.")
         this = _schema_of(record)
         if this is None:
-            raise ValueError(f"{where}, line {lineno}: keys {sorted(record)} match no schema; use one of {_SCHEMAS}.")
+            raise DatasetError(f"{where}, line {lineno}: keys {sorted(record)} match no schema; use one of {_SCHEMAS}.")
         if schema is None:
             schema, first_line = this, lineno
         elif this != schema:
-            raise ValueError(f"{where}, line {lineno}: schema {this!r} differs from {schema!r} set by line {first_line}; "
+            raise DatasetError(f"{where}, line {lineno}: schema {this!r} differs from {schema!r} set by line {first_line}; "
                              "every line of a file must use the same keys.")
         fields = ("prompt", "response") if this == "prompt_response" else ("text",)
         for key in fields:
             if not isinstance(record[key], str):
-                raise ValueError(f"{where}, line {lineno}: {key!r} must be a string, got {type(record[key]).__name__}.")
+                raise DatasetError(f"{where}, line {lineno}: {key!r} must be a string, got {type(record[key]).__name__}.")
         rows.append((lineno, record))
 
     def example_id(lineno: int, record: dict[str, object]) -> str:
@@ -198,10 +203,10 @@ def _with_labels(where: str, rows: list[tuple[int, dict[str, object]]], texts: l
     kinds = {"int" if isinstance(v, int) and not isinstance(v, bool) else "str" if isinstance(v, str) else "bad" for _, v in raw}
     for n, v in raw:
         if not (isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0)):
-            raise ValueError(f"{where}, line {n}: label {v!r} must be a string or a non-negative integer.")
+            raise DatasetError(f"{where}, line {n}: label {v!r} must be a string or a non-negative integer.")
     if kinds == {"int", "str"}:
         n = next(n for n, v in raw if isinstance(v, str) != isinstance(raw[0][1], str))
-        raise ValueError(f"{where}, line {n}: label type differs from line {raw[0][0]}; use all strings or all integers.")
+        raise DatasetError(f"{where}, line {n}: label type differs from line {raw[0][0]}; use all strings or all integers.")
     if kinds == {"str"}:
         names = sorted({v for _, v in raw})  # type: ignore[type-var]
         index = {name: i for i, name in enumerate(names)}

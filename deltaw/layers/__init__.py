@@ -11,7 +11,7 @@ from torch import nn
 from .base import LoraLayer, ModulesToSave
 from .conv import LoraConv
 from .embedding import LoraEmbedding
-from .linear import LoraConv1D, LoraLinear, hf_conv1d_type
+from .linear import LoraConv1D, LoraLinear, is_hf_conv1d
 
 LAYER_TYPES: list[tuple[type[nn.Module], type[LoraLayer]]] = [
     (nn.Linear, LoraLinear),
@@ -20,11 +20,11 @@ LAYER_TYPES: list[tuple[type[nn.Module], type[LoraLayer]]] = [
     (nn.Conv2d, LoraConv),
     (nn.Conv3d, LoraConv),
 ]
-if hf_conv1d_type() is not None:
-    LAYER_TYPES.append((hf_conv1d_type(), LoraConv1D))
 
 
 def layer_class_for(module: nn.Module) -> type[LoraLayer] | None:
+    if is_hf_conv1d(module):
+        return LoraConv1D
     for base_type, layer_type in LAYER_TYPES:
         if type(module) is base_type or isinstance(module, base_type):
             return layer_type

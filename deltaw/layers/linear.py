@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import LoraLayer
 
 
-def hf_conv1d_type() -> type | None:
-    """transformers' Conv1D class, or None when transformers is absent (it is optional for plain models)."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers is a dependency, but deltaw works without it
-        return None
-    return Conv1D
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style Conv1D, checked without importing transformers (a 1.5 s import that
+    plain-PyTorch users should not pay)."""
+    return any(t.__name__ == "Conv1D" and t.__module__.startswith("transformers.") for t in type(module).__mro__)
 
 
 class LoraLinear(LoraLayer):
