@@ -47,7 +47,9 @@ class AxisSpec:
             raise PlanError(f"axis {self.name!r} lists no values")
         for value, phrase in self.values.items():
             if not isinstance(value, str) or not _NAME.match(value):
-                raise PlanError(f"axis {self.name!r}: value name {value!r} must be lower-case letters, digits, '_' or '-'")
+                raise PlanError(
+                    f"axis {self.name!r}: value name {value!r} must be lower-case letters, digits, '_' or '-'"
+                )
             if not isinstance(phrase, str) or not phrase.strip():
                 raise PlanError(f"axis {self.name!r}: value {value!r} needs a non-empty prompt phrase")
         # Freeze the mapping so a registry shared between plans cannot be changed under them.
@@ -106,9 +108,12 @@ class AxisRegistry(Mapping[str, AxisSpec]):
                 base = out[name]
                 if spec.position != base.position:
                     raise PlanError(
-                        f"axis {name!r}: added file says position {spec.position!r}, shipped axis says {base.position!r}"
+                        f"axis {name!r}: added file says position {spec.position!r}, "
+                        f"shipped axis says {base.position!r}"
                     )
-                out[name] = AxisSpec(name, base.position, {**base.values, **spec.values}, spec.description or base.description)
+                out[name] = AxisSpec(
+                    name, base.position, {**base.values, **spec.values}, spec.description or base.description
+                )
             else:
                 out[name] = spec
         return AxisRegistry(out)

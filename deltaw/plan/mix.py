@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -98,14 +98,23 @@ def parse_mix(specs: str | Iterable[str]) -> dict[str, dict[str, Fraction]]:
     return out
 
 
-def normalise_mix(mix: str | MixSpec | None) -> dict[str, dict[str, Fraction]]:
-    """Accept the text syntax or a mapping; return exact weights and check each axis sums to a positive number."""
+def normalise_mix(mix: str | Sequence[str] | MixSpec | None) -> dict[str, dict[str, int | Fraction]]:
+    """Accept the text syntax (one string, or one per ``--mix``) or a mapping; return exact weights and check
+    that each axis sums to a positive number."""
     if mix is None:
         return {}
-    parsed = parse_mix(mix) if isinstance(mix, str) else {
-        str(axis): {str(v): to_fraction(w, label=f"mix for {axis!r}: weight of {v!r}") for v, w in values.items()}
-        for axis, values in mix.items()
-    }
+    if isinstance(mix, (str, list, tuple)):
+        parsed = parse_mix(mix)
+    elif not isinstance(mix, Mapping):
+        raise PlanError(f"mix must be text like 'skin_tone=light:1,dark:1' or a mapping, not {type(mix).__name__}")
+    else:
+        parsed = {
+            str(axis): {
+                str(v): w if type(w) is int and w >= 0 else to_fraction(w, label=f"mix for {axis!r}: weight of {v!r}")
+                for v, w in values.items()
+            }
+            for axis, values in mix.items()
+        }
     for axis, weights in parsed.items():
         normalise_weights(weights, what=f"mix for {axis!r}")
     return parsed
@@ -142,7 +151,10 @@ def load_joint_table(path: str | Path) -> JointTable:
         if not isinstance(data, Mapping) or not isinstance(data.get("cells"), list):
             raise PlanError(f"joint table {str(path)!r}: expected {{'axes': [...], 'cells': [...]}}")
         rows: list[Mapping[str, Any]] = data["cells"]
-        axes = tuple(data.get("axes") or [k for k in rows[0] if k != "weight"] if rows else ())
+        if data.get("axes"):
+            axes = tuple(str(a) for a in data["axes"])
+        else:
+            axes = tuple(k for k in rows[0] if k != "weight") if rows else ()
     else:
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)

@@ -21,7 +21,9 @@ Consequences, which the tests check:
 * values with weight 0 never get a seat; when remainders tie (e.g. thirds with ``n = 5``) the seats go to a
   uniformly random subset of the tied values.
 
-Arithmetic is done in :class:`fractions.Fraction` so that ``n * p`` is exact (no ``2.9999999`` floors).
+Arithmetic is exact: weights are scaled to integers with the same ratios (via :class:`fractions.Fraction`
+for decimals and ratios), so ``n * p`` never floors ``2.9999999`` to 2, and the random point used for the
+remainder seats is an integer too.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ def to_fraction(weight: Weight, *, label: str = "weight") -> Fraction:
     """
     if isinstance(weight, bool):
         raise PlanError(f"{label}: {weight!r} is not a number")
+    if isinstance(weight, float) and not math.isfinite(weight):
+        raise PlanError(f"{label}: {weight!r} is not a finite number")
     try:
         if isinstance(weight, float):
-            if not math.isfinite(weight):
-                raise PlanError(f"{label}: {weight!r} is not a finite number")
             value = Fraction(repr(weight))  # 0.1 -> 1/10, not the binary expansion
         elif isinstance(weight, (int, Fraction)):
             value = Fraction(weight)
@@ -58,7 +60,7 @@ def to_fraction(weight: Weight, *, label: str = "weight") -> Fraction:
             value = Fraction(weight.strip())
         else:
             raise PlanError(f"{label}: {weight!r} is not a number")
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise PlanError(f"{label}: {weight!r} is not a number (use e.g. 1, 0.25 or 1/3)") from None
     if value < 0:
         raise PlanError(f"{label}: {weight!r} is negative; weights must be >= 0")
@@ -67,13 +69,31 @@ def to_fraction(weight: Weight, *, label: str = "weight") -> Fraction:
 
 def normalise_weights(weights: Mapping[K, Weight], *, what: str = "weights") -> dict[K, Fraction]:
     """Exact probabilities from weights. Raises :class:`PlanError` if empty, negative, or not summing above 0."""
+    ints = integer_weights(weights, what=what)
+    total = sum(ints.values())
+    return {key: Fraction(w, total) for key, w in ints.items()}
+
+
+def integer_weights(weights: Mapping[K, Weight], *, what: str = "weights") -> dict[K, int]:
+    """The weights scaled to integers with the same ratios (exact), validated like :func:`normalise_weights`.
+
+    Why integers: the apportionment below then runs on ``divmod`` alone, exactly and fast enough to plan
+    tens of thousands of scenes in a test.
+    """
     if not weights:
         raise PlanError(f"{what}: no values given")
-    exact = {key: to_fraction(w, label=f"{what}: weight of {key!r}") for key, w in weights.items()}
-    total = sum(exact.values(), Fraction(0))
+    exact: dict[K, int | Fraction] = {}
+    for key, w in weights.items():
+        if type(w) in (int, Fraction) and w >= 0:  # already exact (the common case): no conversion
+            exact[key] = w  # type: ignore[assignment]
+        else:
+            exact[key] = to_fraction(w, label=f"{what}: weight of {key!r}")
+    scale = math.lcm(*(w.denominator for w in exact.values()))
+    ints = {key: w.numerator * (scale // w.denominator) for key, w in exact.items()}
+    total = sum(ints.values())
     if total <= 0:
         raise PlanError(f"{what}: weights sum to {total}; at least one value needs a positive weight")
-    return {key: w / total for key, w in exact.items()}
+    return ints  # type: ignore[return-value]
 
 
 def check_count(n: int) -> None:
@@ -84,6 +104,9 @@ def check_count(n: int) -> None:
         raise PlanError(f"count {n} is out of range: a plan holds 1 to {MAX_COUNT} entities")
 
 
+_U_BITS = 53  # random.random() resolution; U = m / 2**53 with m uniform on [0, 2**53)
+
+
 def assign_quotas(n: int, weights: Mapping[K, Weight], rng: random.Random) -> dict[K, int]:
     """Counts per value for ``n`` entities in proportion to ``weights`` (see the module docstring for the method).
 
@@ -91,24 +114,28 @@ def assign_quotas(n: int, weights: Mapping[K, Weight], rng: random.Random) -> di
     :class:`random.Random`; the same ``rng`` state gives the same counts.
     """
     check_count(n)
-    probs = normalise_weights(weights)
-    quotas = {key: n * p for key, p in probs.items()}
-    counts = {key: math.floor(q) for key, q in quotas.items()}
-    remainders = {key: quotas[key] - counts[key] for key in quotas}
-    seats_left = n - sum(counts.values())  # equals the sum of remainders, an integer in [0, len(weights))
+    ints = integer_weights(weights)
+    total = sum(ints.values())
+    counts: dict[K, int] = {}
+    remainders: dict[K, int] = {}  # fractional part of each quota, in units of 1/total
+    for key, w in ints.items():
+        counts[key], remainders[key] = divmod(n * w, total)
+    seats_left = n - sum(counts.values())  # equals sum(remainders) / total, an integer in [0, len(weights))
     if seats_left:
-        # Systematic sampling over a random order: points U, U+1, ..., U+r-1 fall in the half-open intervals
-        # laid end to end, each of length = remainder < 1, so each value gets at most one extra seat and
-        # gets it with probability exactly its remainder. The random order makes ties symmetric.
-        order = [key for key, rem in remainders.items() if rem > 0]
+        # Systematic sampling over a random order: points U, U+1, ..., U+r-1 fall in half-open intervals laid
+        # end to end, each as long as its value's remainder (< 1), so each value gets at most one extra seat,
+        # and gets it with probability exactly its remainder. The random order makes ties symmetric.
+        # In integers: lengths are scaled by total * 2**53 and U = m / 2**53, so no rounding anywhere.
+        order = [key for key, rem in remainders.items() if rem]
         rng.shuffle(order)
-        u = Fraction(rng.random())
-        point, edge = u, Fraction(0)
+        point = rng.getrandbits(_U_BITS) * total
+        step = total << _U_BITS
+        edge = 0
         for key in order:
-            edge += remainders[key]
+            edge += remainders[key] << _U_BITS
             if point < edge:
                 counts[key] += 1
-                point += 1
+                point += step
     assert sum(counts.values()) == n, "apportionment must place every entity"
     return counts
 
