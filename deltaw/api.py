@@ -40,12 +40,12 @@ def adapters(model: nn.Module) -> list[str]:
 # ---- target resolution ---------------------------------------------------------------------------------
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, base module) for every module that could be adapted; wrappers report their base layer."""
-    skip: list[str] = []
+    skip = None  # named_modules is pre-order: a wrapper's descendants directly follow it, so one prefix suffices
     for path, module in model.named_modules():
-        if any(path.startswith(prefix) for prefix in skip):
+        if skip is not None and path.startswith(skip):
             continue
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(path + ".")
+            skip = path + "."
             if isinstance(module, LoraLayer):
                 yield path, module.base_layer
             continue
@@ -53,10 +53,35 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield path, module
 
 
+_KEY_SETS: dict[int, tuple[tuple[str, ...], frozenset[str]]] = {}  # id(spec) -> (spec, its keys as a set)
+
+
+def _key_set(spec: tuple[str, ...]) -> frozenset[str]:
+    """The keys of ``spec`` as a set, remembered per spec object (hashing a 200-name tuple per call is slow)."""
+    hit = _KEY_SETS.get(id(spec))
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_KEY_SETS) > 256:
+        _KEY_SETS.clear()
+    keys = frozenset(spec)
+    _KEY_SETS[id(spec)] = (spec, keys)  # holding spec keeps its id from being reused while cached
+    return keys
+
+
 def _matches(spec: tuple[str, ...] | str, path: str) -> bool:
+    """path == key or path ends with "." + key, for any key: a set lookup per dotted suffix of the path, so
+    a loaded adapter that lists all of its ~200 module paths resolves in linear time."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
-    return any(path == key or path.endswith("." + key) for key in spec)
+    keys = _key_set(spec if isinstance(spec, tuple) else tuple(spec))
+    if path in keys:
+        return True
+    dot = path.find(".")
+    while dot >= 0:
+        if path[dot + 1:] in keys:
+            return True
+        dot = path.find(".", dot + 1)
+    return False
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -107,11 +132,13 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 # ---- attach / delete -----------------------------------------------------------------------------------
 def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "default", *,
-           trainable: bool = True, activate: bool = True) -> AdapterInfo:
+           trainable: bool = True, activate: bool = True,
+           factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> AdapterInfo:
     """Wrap the modules ``config`` targets (in place) and add a fresh adapter called ``name``.
 
     Every base parameter is frozen; the new adapter's parameters are trainable unless ``trainable=False``.
     Works on models built on the ``meta`` device (nothing is allocated but the adapter, on meta too).
+    ``factors``: {module path: (A, B)} initial values (what ``load`` read), used without a copy when possible.
     """
     config = config if config is not None else LoraConfig()
     check_name(name)
@@ -134,8 +161,8 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
             raise TargetError(f"adapter {name!r}: rank {r} for {path!r} exceeds min(in, out) = {layer.max_rank()} "
                               f"of its weight {tuple(base.weight.shape)}; use a smaller r or rank_pattern")
         plan.append((path, layer, is_new))
-    saved_paths = [p for p, _ in model.named_modules() if config.modules_to_save and _matches(config.modules_to_save, p)
-                   and not any(p.startswith(q + ".") for q in st.saved_modules)]
+    saved_paths = [p for p, _ in model.named_modules() if _matches(config.modules_to_save, p)
+                   and not any(p.startswith(q + ".") for q in st.saved_modules)] if config.modules_to_save else []
     missing = [key for key in config.modules_to_save if not any(_matches((key,), p) for p in saved_paths)]
     if missing:
         raise TargetError(f"modules_to_save {missing} matched no module of the model")
@@ -153,7 +180,8 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
             if is_new:
                 _set_submodule(model, path, layer)
                 st.layers[path] = layer
-            layer.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init)
+            layer.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
+                              factors.get(path) if factors is not None else None)
             done.append((path, layer, is_new))
         for path in saved_paths:
             wrapper = st.saved_modules.get(path)

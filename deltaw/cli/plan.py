@@ -51,6 +51,14 @@ def register(app: typer.Typer) -> None:
         no_llm: Annotated[
             bool, typer.Option("--no-llm", help="Use the rule parser even if a learned parser is registered.")
         ] = False,
+        parser_adapter: Annotated[
+            Path | None,
+            typer.Option(
+                "--parser-adapter",
+                help="LoRA folder for the learned parser (default: $DELTAW_PLAN_PARSER_ADAPTER, else the cached "
+                "adapter, trained on first use). Ignored with --no-llm.",
+            ),
+        ] = None,
         count: Annotated[int | None, typer.Option(help="Override the count read from the text.")] = None,
         negative: Annotated[str | None, typer.Option(help="Negative prompt (default: common crowd artefacts).")] = None,
         render: Annotated[
@@ -75,7 +83,7 @@ def register(app: typer.Typer) -> None:
                 seed,
                 joint=joint,
                 joint_table=table,
-                parser=get_parser(use_llm=not no_llm),
+                parser=_adapter_parser(parser_adapter) if parser_adapter and not no_llm else get_parser(not no_llm),
                 axes=registry,
                 count=count,
                 negative=negative,
@@ -103,3 +111,9 @@ def register(app: typer.Typer) -> None:
         except PlanError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
+
+
+def _adapter_parser(path: Path):
+    from deltaw.plan.llm_parser import LlmParser
+
+    return LlmParser.from_adapter(path)

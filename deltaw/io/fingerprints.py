@@ -7,6 +7,7 @@ sampled values themselves, compared by cosine similarity so that the same base i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 
@@ -16,11 +17,15 @@ SAMPLES_PER_MODULE = 16
 SAME_BASE_COSINE = 0.999  # fp32 vs bf16 copies of one model score > 0.9999; unrelated weights score ~0.
 
 
+@functools.lru_cache(maxsize=256)
+def _indices(n: int, device: torch.device) -> torch.Tensor:
+    """Evenly spaced flat positions, computed once per weight size (loading checks ~200 weights of ~7 sizes)."""
+    return torch.linspace(0, n - 1, steps=min(SAMPLES_PER_MODULE, n), device=device).round().long()
+
+
 def _sample(weight: torch.Tensor) -> torch.Tensor:
     flat = weight.detach().reshape(-1)
-    n = flat.numel()
-    idx = torch.linspace(0, n - 1, steps=min(SAMPLES_PER_MODULE, n), device=flat.device).round().long()
-    return flat[idx].float().cpu()  # (k,)
+    return flat[_indices(flat.numel(), flat.device)].float().cpu()  # (k,)
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> dict:

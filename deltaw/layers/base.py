@@ -72,14 +72,23 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     rank_dim = -1  # where the rank axis lives in project_in's output (channels-last by default)
 
     # ---- adapters ----------------------------------------------------------------------------------------
-    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
+                    factors: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Add factors of rank r, initialised per ``init`` -- or taken from ``factors`` (A, B), used as the
+        parameters' storage without a copy when dtype and device already match (loading from disk)."""
         weight = self.base_layer.weight
         # Half-precision bases get fp32 factors: the update B·A is tiny next to W0 and would underflow.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         a_shape, b_shape = self.factor_shapes(r)
-        a = torch.empty(a_shape, device=weight.device, dtype=dtype)
-        b = torch.empty(b_shape, device=weight.device, dtype=dtype)
-        if weight.device.type != "meta":
+        if factors is not None:
+            a, b = (t.detach().to(device=weight.device, dtype=dtype) for t in factors)
+            if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
+                raise ValueError(f"factors of shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit rank {r}: "
+                                 f"expected {a_shape}, {b_shape}")
+        else:
+            a = torch.empty(a_shape, device=weight.device, dtype=dtype)
+            b = torch.empty(b_shape, device=weight.device, dtype=dtype)
+        if factors is None and weight.device.type != "meta":
             if self.zero_init_a:
                 nn.init.zeros_(a)
                 nn.init.normal_(b)
@@ -119,10 +128,21 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             return y
         if state.rows is not None:
             return state.rows.apply(self, x, y)
+        # Without autograd (inference, generate) nothing needs the unscaled terms: add into y with fused ops.
+        fused = not torch.is_grad_enabled()
         for name, weight in state.live:
             if name in self.lora_A._parameters:
-                y = y + self.lora_out(name, x, y.dtype) * (weight * self.scaling[name])
+                scale = weight * self.scaling[name]
+                if fused and not (self.training and self.dropout_p[name] > 0.0):
+                    y = self.add_lora_(y, x, name, scale)
+                else:
+                    y = y + self.lora_out(name, x, y.dtype) * scale
         return y
+
+    def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        """y + scale·B(A(x)) with autograd off and no dropout. Channels-last layers override this to add in
+        place with one ``addmm_`` (decode is bound by per-op cost); the default is the plain sum."""
+        return y + self.lora_out(name, x, y.dtype) * scale
 
     def lora_out(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """B(A(dropout(x))), unscaled, in ``dtype``."""
@@ -155,16 +175,46 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 "too. Untie the weights first (e.g. clone the output head's weight)"
             )
         with torch.no_grad():
-            delta = torch.zeros(w0.shape, dtype=torch.float32, device=w0.device)  # layout of W0
+            # One fused pass per adapter (addmm into an fp32 copy of W0): merge is bound by bytes moved.
+            new = w0.float()  # layout of W0; fp32 so small updates survive bf16/fp16 bases
             for name, weight in mine:
-                a, b = self.lora_A[name], self.lora_B[name]
-                delta += self.delta_weight(a.float(), b.float()) * (weight * self.scaling[name])
-            new = (w0.float() + delta).to(w0.dtype)
-        if not torch.isfinite(new).all():
+                a, b = self.lora_A[name].float(), self.lora_B[name].float()
+                new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0)
+            new = new.to(w0.dtype)
+        # Cheapest proof first: a bound from the factors (no pass over W); then a sum, which reads W once and
+        # is finite iff every entry is (or it overflowed, and the exact per-entry check decides).
+        if not (self._cannot_overflow(w0, mine) or torch.isfinite(new.sum(dtype=torch.float32))
+                or torch.isfinite(new).all()):
             bad = [n for n, _ in mine if not (torch.isfinite(self.lora_A[n]).all() and torch.isfinite(self.lora_B[n]).all())]
             why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
             raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
         return new
+
+    def _cannot_overflow(self, w0: torch.Tensor, mine: Sequence[tuple[str, float]]) -> bool:
+        """True when W0 + Σ α·ΔW is provably finite in W0's dtype, from factor-sized work and max|W0| (cached per
+        base weight and version): |ΔW_ij| = |Σ_k B_ik A_kj| ≤ max_i Σ_k |B_ik| · max |A|. NaN anywhere makes the
+        bound NaN, so this answers False and the exact check runs."""
+        if not w0.is_floating_point() or w0.numel() == 0:
+            return False
+        owner = self._pristine if self._pristine is not None else self.base_layer.weight
+        key = (owner.data_ptr(), owner._version, tuple(owner.shape), owner.dtype)
+        cached = self.__dict__.get("_w0_absmax")
+        if cached is None or cached[0] != key:
+            lo, hi = torch.aminmax(w0)  # no full-size temporary, NaN propagates
+            cached = (key, max(-float(lo), float(hi)))
+            object.__setattr__(self, "_w0_absmax", cached)
+        bound = cached[1]
+        for name, weight in mine:
+            a, b = self.lora_A[name].detach(), self.lora_B[name].detach()
+            row = b.flatten(1).abs().sum(1).max() if b.numel() else b.new_zeros(())
+            bound += abs(weight * self.scaling[name]) * float(row) * float(a.abs().max() if a.numel() else 0.0)
+        # 1 % margin covers accumulation rounding and the final cast (bf16 rounds by at most 0.4 %)
+        return math.isfinite(bound) and bound * 1.01 < torch.finfo(w0.dtype).max
+
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
+        """w + alpha·ΔW(a, b) (in place when ``inplace``). Matmul-shaped layers override this with one addmm."""
+        delta = self.delta_weight(a, b)
+        return w.add_(delta, alpha=alpha) if inplace else torch.add(w, delta, alpha=alpha)
 
     def set_merged(self, new_weight: torch.Tensor | None) -> None:
         """Install a weight computed by ``merged_weight`` (None: restore the pristine W0 exactly)."""

@@ -34,5 +34,17 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (b @ a).T  # (num, dim)
 
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
+        # ΔW = Aᵀ·Bᵀ (num, dim) in one addmm
+        return w.addmm_(a.T, b.T, alpha=alpha) if inplace else torch.addmm(w, a.T, b.T, alpha=alpha)
+
+    def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        if y.dtype != b.dtype or not y.is_contiguous():
+            return super().add_lora_(y, x, name, scale)
+        h = self._lookup(x, a.T)  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale)  # (N, dim) += s·h·Bᵀ
+        return y
+
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self._lookup(x, weight)

@@ -38,6 +38,21 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return b @ a  # (out, in)
 
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
+        m1, m2 = self._delta_factors(a, b)
+        return w.addmm_(m1, m2, alpha=alpha) if inplace else torch.addmm(w, m1, m2, alpha=alpha)
+
+    def _delta_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return b, a  # ΔW = B·A (out, in)
+
+    def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
+        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        if x.dtype != a.dtype or y.dtype != b.dtype or not y.is_contiguous():
+            return super().add_lora_(y, x, name, scale)
+        h = F.linear(x, a)  # (..., r)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale)  # (N, out) += s·h·Bᵀ
+        return y
+
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self.base_layer.bias)
 
@@ -51,6 +66,9 @@ class LoraConv1D(LoraLinear):
 
     def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (b @ a).T  # (in, out)
+
+    def _delta_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return a.T, b.T  # ΔW = Aᵀ·Bᵀ (in, out)
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         out_shape = x.shape[:-1] + (weight.shape[1],)

@@ -12,6 +12,7 @@ LLM-grounded Diffusion) one prompt per bounding box::
 
 Pieces: :mod:`~deltaw.plan.quotas` (exact apportionment), :mod:`~deltaw.plan.parsing` (text -> count, noun,
 scene, activity, setting), :mod:`~deltaw.plan.grammar` (generated parse pairs and the parser evaluator),
+:mod:`~deltaw.plan.llm_parser` (the learned parser, ``PARSERS["llm"]``),
 :mod:`~deltaw.plan.layout` (boxes), :mod:`~deltaw.plan.planner` (the plan and its exports),
 :mod:`~deltaw.plan.render` (optional diffusers hand-off).
 """
@@ -30,10 +31,13 @@ from deltaw.plan.grammar import (
     write_jsonl,
 )
 from deltaw.plan.layout import LayoutSpec, check_boxes, grid_layout
+from deltaw.plan.llm_parser import LlmParser, default_llm_parser, evaluate_llm_parser, train_parser_adapter
 from deltaw.plan.mix import JointTable, load_joint_table, parse_mix, product_table
 from deltaw.plan.parsing import PARSERS, ParsedScene, Parser, RuleParser, get_parser
 from deltaw.plan.planner import DEFAULT_NEGATIVE, Entity, ScenePlan, plan_scene
 from deltaw.plan.quotas import MAX_COUNT, assign_quotas, deal
+
+PARSERS.setdefault("llm", default_llm_parser)  # the learned parser; `deltaw plan --no-llm` uses the rule parser
 
 __all__ = [
     "AxisRegistry",
@@ -42,6 +46,7 @@ __all__ = [
     "Entity",
     "JointTable",
     "LayoutSpec",
+    "LlmParser",
     "MAX_COUNT",
     "PARSERS",
     "ParseExample",
@@ -56,6 +61,7 @@ __all__ = [
     "deal",
     "default_axes",
     "evaluate_parser",
+    "evaluate_llm_parser",
     "evaluate_parser_report",
     "generate_examples",
     "get_parser",
@@ -66,5 +72,6 @@ __all__ = [
     "plan_scene",
     "product_table",
     "read_jsonl",
+    "train_parser_adapter",
     "write_jsonl",
 ]

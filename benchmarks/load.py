@@ -1,0 +1,36 @@
+#!/usr/bin/env python
+"""Load an r=16 adapter of the SmolLM2-135M-shape model (all 7 projections, 19.6 MB) from disk (page cache)."""
+
+import sys
+import time
+
+import deltaw
+from _common import Result, Target, summarize, adapter_bytes_deltaw, repeats, standalone
+
+MEASURE = "load"
+TARGET = Target(20.0, "ms")
+
+
+def run(env):
+    c = env.smol_resident(4)
+    src = str(c.dirs[c.names[1]])
+    dw_t, peft_t = [], []
+    for i in range(repeats(env.quick, 15, 5) + 1):
+        t0 = time.perf_counter()
+        deltaw.load(c.dw, src, "loaded", activate=False)
+        t1 = time.perf_counter()
+        deltaw.delete(c.dw, "loaded")
+        t2 = time.perf_counter()
+        c.peft.load_adapter(src, adapter_name="loaded")
+        t3 = time.perf_counter()
+        c.peft.delete_adapter("loaded")
+        if i:  # the first round warms the page cache and lazy imports
+            dw_t.append((t1 - t0) * 1e3)
+            peft_t.append((t3 - t2) * 1e3)
+    c.peft.set_adapter(c.names[0])
+    med = summarize(dw_t), summarize(peft_t)
+    return Result(MEASURE, med[0], med[1], None, adapter_bytes_deltaw(c.dw, c.names[1]) / 2**20)
+
+
+if __name__ == "__main__":
+    standalone(sys.modules[__name__])

@@ -1,0 +1,48 @@
+#!/usr/bin/env python
+"""Merge one r=16 adapter into the SmolLM2-135M-shape model and unmerge it; deltaw must restore W0 bit for bit."""
+
+import sys
+import time
+
+import torch
+
+import deltaw
+from _common import Result, Target, summarize, repeats, standalone
+
+MEASURE = "merge_unmerge"
+TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
+
+
+def _weights(model):
+    return {k: v for k, v in model.state_dict().items() if "lora" not in k}
+
+
+def run(env):
+    c = env.smol_resident(4)
+    name = c.names[0]
+    before_dw = {k: v.clone() for k, v in _weights(c.dw).items()}
+    before_peft = {k: v.clone() for k, v in _weights(c.peft).items()}
+    c.peft.set_adapter(name)
+    dw_t, peft_t = [], []
+    with torch.no_grad():
+        for i in range(repeats(env.quick, 10, 4) + 1):
+            t0 = time.perf_counter()
+            deltaw.merge(c.dw, name)
+            deltaw.unmerge(c.dw)
+            t1 = time.perf_counter()
+            c.peft.merge_adapter([name])
+            c.peft.unmerge_adapter()
+            t2 = time.perf_counter()
+            if i:
+                dw_t.append((t1 - t0) * 1e3)
+                peft_t.append((t2 - t1) * 1e3)
+    after_dw, after_peft = _weights(c.dw), _weights(c.peft)
+    exact = all(torch.equal(before_dw[k], after_dw[k]) for k in before_dw)
+    drift = max((after_peft[k].float() - v.float()).abs().max().item() for k, v in before_peft.items())
+    med = summarize(dw_t), summarize(peft_t)
+    note = f"deltaw exact: {exact}; PEFT max |ΔW0| after round trips: {drift:.1e}"
+    return Result(MEASURE, med[0], med[1], None, note=note, extra={"exact": exact})
+
+
+if __name__ == "__main__":
+    standalone(sys.modules[__name__])

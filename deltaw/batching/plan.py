@@ -1,0 +1,145 @@
+"""``per_row``: a different adapter (or none, or a weighted stack) for every row of one batch.
+
+    with deltaw.batching.per_row(model, ["tech", "sport", None, {"tech": 0.5, "sport": 0.5}]):
+        model.generate(**inputs)          # rows fixed for the whole call, KV cache included
+
+While the context is open ``deltaw.state(model).rows`` holds a ``RowPlan``; every ``LoraLayer.forward`` hands its
+base output to ``RowPlan.apply`` instead of adding the live adapters. A row behaves exactly as that row run alone
+under ``deltaw.using(model, spec)``: adapters merged into the base weights stay in them for every row (as with
+``using``), and rows add their unmerged adapters on top. Everything is validated on entry, before any compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .. import api
+from ..errors import AdapterNameError, DeltawError
+from ..layers.base import LoraLayer, ModulesToSave
+from ..registry import AdapterState, Weighted
+from .kernels import STRATEGIES, LayerRows
+
+log = logging.getLogger(__name__)
+
+RowSpec = str | Sequence[str] | Mapping[str, float] | None
+
+
+class MixedHeadsError(DeltawError, ValueError):
+    """Rows of one batch need different ``modules_to_save`` copies (e.g. classification heads)."""
+
+
+def normalize_rows(st: AdapterState, rows: Sequence[RowSpec]) -> tuple[Weighted, ...]:
+    """Each row spec -> ((name, weight), ...), every name checked against the resident adapters."""
+    if isinstance(rows, (str, Mapping)) or not isinstance(rows, Sequence):
+        raise TypeError(f"per_row expects one spec per row (a list), got {type(rows).__name__}")
+    if not rows:
+        raise ValueError("per_row needs at least one row")
+    out: list[Weighted] = []
+    for i, spec in enumerate(rows):
+        try:
+            weighted = api.normalize(spec)
+            for name, _ in weighted:
+                st.require(name)
+        except AdapterNameError as exc:
+            raise AdapterNameError(f"row {i}: {exc}") from None
+        out.append(weighted)
+    return tuple(out)
+
+
+class RowPlan:
+    """The per-row plan ``AdapterState.rows`` points to while ``per_row`` is open.
+
+    ``apply(layer, x, y)`` returns y plus each row's adapter delta; ``single_head(wrapper)`` names the
+    modules_to_save copy all rows share (None: the original). Per-layer packed tensors are built on first use
+    and kept for the life of the plan (and, keyed on adapter identity and version, across plans)."""
+
+    def __init__(self, st: AdapterState, rows: Sequence[RowSpec], strategy: str = "auto") -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown per_row strategy {strategy!r}; choose one of {STRATEGIES}")
+        self.requested = normalize_rows(st, rows)
+        merged = {n for n, _ in st.merged}
+        if merged & {n for spec in self.requested for n, _ in spec}:
+            log.info("per_row: adapters %s are merged into the base weights and apply to every row",
+                     sorted(merged))
+        # What each row adds on top of the (possibly merged) base: its unmerged, non-zero adapters.
+        self.rows: tuple[Weighted, ...] = tuple(
+            tuple((n, w) for n, w in spec if n not in merged and w != 0.0) for spec in self.requested)
+        self.strategy = strategy
+        self._state = st
+        self._layers: dict[LoraLayer, LayerRows] = {}
+        self._restricted: dict[frozenset[str], tuple[Weighted, ...]] = {}
+        self._used = frozenset(n for spec in self.rows for n, _ in spec)
+        self._heads: dict[ModulesToSave, str | None] = {}
+        for wrapper in st.saved_modules.values():
+            self._heads[wrapper] = self._head_for(wrapper)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def apply(self, layer: LoraLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        rows = self._layers.get(layer)
+        if rows is None:
+            rows = self._layers[layer] = self._build(layer)
+        return rows(x, y)
+
+    def single_head(self, wrapper: ModulesToSave) -> str | None:
+        head = self._heads.get(wrapper, ...)
+        if head is ...:
+            head = self._heads[wrapper] = self._head_for(wrapper)
+        return head  # type: ignore[return-value]
+
+    def strategies_used(self) -> dict[str, int]:
+        """How many (layer, input shape) pairs ran each strategy so far: what ``auto`` picked."""
+        counts: dict[str, int] = {}
+        for rows in self._layers.values():
+            for name in rows.chosen.values():
+                counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    # ---- internals ---------------------------------------------------------------------------------------
+    def _build(self, layer: LoraLayer) -> LayerRows:
+        present = frozenset(n for n in self._used if n in layer.lora_A._parameters)
+        specs = self._restricted.get(present)
+        if specs is None:
+            specs = self._restricted[present] = tuple(
+                tuple((n, w) for n, w in spec if n in present) for spec in self.rows)
+        return LayerRows(layer, specs, self.strategy)
+
+    def _head_for(self, wrapper: ModulesToSave) -> str | None:
+        """The copy each row would use alone (first adapter of its spec that has one, as ``using`` does)."""
+        heads = [next((n for n, _ in spec if n in wrapper.modules_to_save), None) for spec in self.requested]
+        distinct = sorted(set(heads), key=lambda h: (h is None, h or ""))
+        if len(distinct) > 1:
+            path = next((p for p, w in self._state.saved_modules.items() if w is wrapper), "?")
+            shown = ", ".join("the original" if h is None else repr(h) for h in distinct)
+            raise MixedHeadsError(
+                f"rows need different copies of the saved module {path!r} ({shown}); a batch can run only one "
+                "copy of a modules_to_save module. Split the batch by head, or give these rows adapters that "
+                "share it")
+        return distinct[0] if distinct else None
+
+
+@contextmanager
+def per_row(model: nn.Module, rows: Sequence[RowSpec], *, strategy: str = "auto") -> Iterator[RowPlan]:
+    """Run each row of the next batches with its own adapter spec.
+
+    ``rows``: one entry per batch row: an adapter name, None (the base model), a list of names (weight 1 each)
+    or a mapping {name: weight} (a weighted stack). Adapters may have different ranks and targets. Unknown names
+    and conflicting modules_to_save heads raise here, before any compute. ``strategy`` forces one kernel
+    ("reference", "dense", "grouped", "rowwise", "uniform"; "auto" picks per layer and batch shape).
+
+    Inside, every forward must have the rows as its leading dimension (or k consecutive entries per row, as
+    beam search and ``num_return_sequences`` lay them out). The previous plan (if nested) comes back after."""
+    st = api.state(model)
+    plan = RowPlan(st, rows, strategy)
+    before = st.rows
+    st.rows = plan
+    try:
+        yield plan
+    finally:
+        st.rows = before

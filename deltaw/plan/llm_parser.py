@@ -1,0 +1,505 @@
+"""The learned language stage: a LoRA on the embedded SmolLM2 that reads a scene request into a :class:`ParsedScene`.
+
+How it works::
+
+    prompt      "Parse: a jazz band of five at the airport\\nJSON:"
+    completion  ' {"count":5,"noun":"musician","scene":"jazz band","setting":"at the airport"}' + eos
+
+The request is normalised first (lower case, single spaces, no final ``.!?``) because the canonical parse is
+lower case anyway, so casing carries no information. The completion is compact JSON with the fields in a fixed
+order and the ``null`` ones left out (``ParsedScene.from_target`` reads absent fields as ``None``): about 20
+tokens instead of 34 for ``to_target()``, so training and decoding cost ~40 % less. Prompt plus completion
+stays under 64 tokens for every generated example.
+
+Training (:func:`train_parser_adapter`) runs ``deltaw.train`` (prompt masked out of the loss) on
+``ParserTrainSettings.pool`` examples of the grammar's *train* split; the held-out split's templates and
+vocabulary are never seen. The adapter is cached (PEFT format) under
+``<cache>/adapters/plan-parser-<key>/``, where ``<key>`` hashes the grammar (templates, vocabulary and a sample
+of generated pairs), the prompt format and the training settings: a grammar change means a new adapter, never a
+stale one. :class:`LlmParser` with no adapter given uses, in order: ``$DELTAW_PLAN_PARSER_ADAPTER``, the
+cached adapter, or trains the cached adapter now (logged, once; ~35 min on one loaded CPU core).
+
+Invalid output. The model's answer is rejected when it holds no JSON object, fails :class:`ParsedScene`'s
+validation, or is not *grounded* in the request: the count must be one the text can express (digits, number
+words, dozen/pair/trio forms, an article for one), ``scene``, ``activity`` and ``setting`` must occur in the
+text, and the noun must too (up to plural/singular), unless it is the implied member of the scene's collective
+("a jazz band of five" -> "musician"). A rejected answer falls back to the rule parser with a logged warning
+(``fallback=None`` raises :class:`PlanError` instead). Why fall back: the rule parser is exact on every form
+the grammar produces, and a hallucinated count ("a beautiful sunset" -> 1 sunset) would silently plan the wrong
+scene; with the fallback, text with nothing countable still gets the rule parser's clear error.
+``benchmarks/plan_parser.py`` reports accuracy with the fallback disabled, so the number is the model's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deltaw.plan.errors import PlanError
+from deltaw.plan.parsing import (
+    _FIELDS,
+    MEMBER_OF,
+    ParsedScene,
+    Parser,
+    RuleParser,
+    _find_count,
+    pluralize,
+    singularize,
+)
+
+log = logging.getLogger(__name__)
+
+#: Bump when the prompt or completion format changes (it is part of the adapter cache key).
+FORMAT_VERSION = 1
+PROMPT_TEMPLATE = "Parse: {text}\nJSON:"
+#: Environment variable naming a user adapter directory (PEFT format, trained on SmolLM2 with this format).
+ADAPTER_ENV = "DELTAW_PLAN_PARSER_ADAPTER"
+ADAPTER_NAME = "plan_parser"
+MAX_NEW_TOKENS = 40  # the longest generated completion is 33 tokens with eos
+_MEMO_LIMIT = 20_000
+
+#: Sentinel: "use a RuleParser as the fallback" (``None`` means no fallback).
+_RULES = object()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Format
+# --------------------------------------------------------------------------------------------------------------
+
+
+def normalize_request(text: str) -> str:
+    """Lower case, unified dashes/quotes, single spaces, no final sentence punctuation."""
+    text = text.lower()
+    text = re.sub(r"[\u2010-\u2015\u2212]", "-", text)
+    text = re.sub(r"[\u2018\u2019`]", "'", text)
+    return " ".join(text.split()).rstrip(" .!?")
+
+
+def format_prompt(text: str) -> str:
+    """The prompt the parser model sees for a request."""
+    return PROMPT_TEMPLATE.format(text=normalize_request(text))
+
+
+def format_target(parse: ParsedScene) -> str:
+    """The completion the parser model is trained to emit: leading space, compact JSON, null fields left out."""
+    data = {k: getattr(parse, k) for k in _FIELDS if getattr(parse, k) is not None}
+    return " " + json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+def training_records(examples: Iterable[Any]) -> list[dict[str, str]]:
+    """``{"prompt", "response"}`` records (``deltaw.train``'s prompt/response JSONL schema) for grammar examples."""
+    return [{"prompt": format_prompt(e.text), "response": format_target(e.parse)} for e in examples]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Grounding: is a parse supported by the text it came from?
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[,.;:!?\"()]", " ", normalize_request(text)).split()
+
+
+def _expressible_counts(words: list[str]) -> set[int]:
+    counts = {c.value for i in range(len(words)) if (c := _find_count(words[i:])) is not None}
+    if any(w in ("a", "an", "one", "single", "lone") for w in words):
+        counts.add(1)
+    return counts
+
+
+def ungrounded(parse: ParsedScene, text: str) -> str | None:
+    """Why ``parse`` is not supported by ``text``, or ``None`` if it is (see the module docstring)."""
+    words = _words(text)
+    joined = f" {' '.join(words)} "
+    if parse.count not in _expressible_counts(words):
+        return f"count {parse.count} is not written in the text"
+    for name in ("scene", "activity", "setting"):
+        value = getattr(parse, name)
+        if value is not None and f" {' '.join(_words(value))} " not in joined:
+            return f"{name} {value!r} is not in the text"
+    pieces = {p for w in words for p in (w, *w.split("-"))}
+    pieces |= {singularize(p) for p in pieces}
+    noun = parse.noun.split()
+    head_ok = noun[-1] in pieces or pluralize(noun[-1]) in pieces
+    if all(w in pieces for w in noun[:-1]) and head_ok:
+        return None
+    if parse.scene and MEMBER_OF.get(parse.scene.split()[-1]) == parse.noun:
+        return None
+    return f"noun {parse.noun!r} is not in the text"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training and the adapter cache
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParserTrainSettings:
+    """Everything that decides the parser adapter's weights (all of it goes into the cache key).
+
+    The defaults are the measured budget (``benchmarks/plan_parser.py``): see ``deltaw/plan/README.md``.
+    ``schedule="constant"`` with a fixed warm-up and a fixed example pool make a run of N steps identical to the
+    first N steps of a longer run, which is how the budget was measured from one run's intermediate adapters.
+    """
+
+    steps: int = 120
+    batch_size: int = 16
+    r: int = 8
+    alpha: float = 16.0
+    targets: str = "all-linear"
+    lr: float = 1e-3
+    schedule: str = "constant"
+    warmup_steps: int = 10
+    pool: int = 4000  # train-split examples generated (data_seed); steps * batch_size <= pool: no repeats
+    data_seed: int = 0
+    seed: int = 0
+    seq_len: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "r", "pool", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"ParserTrainSettings.{name} must be a positive integer, not {value!r}")
+
+    def key(self) -> str:
+        """12 hex digits over the grammar, the prompt/completion format and these settings."""
+        blob = json.dumps(
+            {"format": FORMAT_VERSION, "prompt": PROMPT_TEMPLATE, "grammar": grammar_digest(), **asdict(self)},
+            sort_keys=True,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@functools.cache
+def grammar_digest() -> str:
+    """A hash of what the grammar generates: its templates, its vocabulary tables and a sample of its pairs."""
+    from deltaw.plan import grammar
+
+    tables = {k: v for k, v in vars(grammar).items() if k.isupper() or (k.startswith("_") and isinstance(v, tuple))}
+    sample = [e.to_record() for e in grammar.generate_examples(64, seed=0, split="train")]
+    blob = repr(sorted((k, repr(v)) for k, v in tables.items())) + json.dumps(sample, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def adapter_cache_dir(
+    settings: ParserTrainSettings | None = None, cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
+    """``<cache>/adapters/plan-parser-<key>``; ``<cache>`` is ``deltaw.models.default_cache_dir()`` by default."""
+    from deltaw.models import default_cache_dir
+
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "adapters" / f"plan-parser-{(settings or ParserTrainSettings()).key()}"
+
+
+def _is_adapter_dir(path: Path) -> bool:
+    return (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_parser_adapter(
+    out_dir: str | os.PathLike[str] | None = None,
+    steps: int | None = None,
+    *,
+    settings: ParserTrainSettings | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    callbacks: Sequence[Callable[[Any], None]] = (),
+    progress: bool = False,
+    num_threads: int | None = None,
+) -> Path:
+    """Train the parser LoRA with ``deltaw.train`` and write it (PEFT format) to ``out_dir``.
+
+    ``out_dir`` defaults to :func:`adapter_cache_dir`; ``steps`` overrides ``settings.steps``. ``model`` /
+    ``tokenizer`` default to the embedded SmolLM2; a model passed in comes back with the trained adapter attached
+    and active (so the caller can wrap it in :class:`LlmParser` without reloading). The run is written to a
+    temporary sibling folder and renamed into place, so an interrupted run never leaves a half-written adapter.
+    Besides the adapter the folder holds ``train_log.jsonl``, ``train_config.json`` and ``parser.json``
+    (settings, key, training time). ``num_threads`` sets torch's CPU threads for the run (on a loaded machine
+    one thread is often much faster than two).
+    """
+    from deltaw.plan.grammar import generate_examples
+    from deltaw.train import TrainConfig, train
+
+    settings = settings or ParserTrainSettings()
+    if steps is not None:
+        settings = replace(settings, steps=steps)
+    out = Path(out_dir) if out_dir is not None else adapter_cache_dir(settings, cache_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} already holds files; remove it or choose another directory")
+    if model is None:
+        from deltaw.models import load_smollm2
+
+        model, tokenizer = load_smollm2()
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with the model")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="deltaw-plan-parser-") as data_dir:
+        train_path, val_path = Path(data_dir) / "train.jsonl", Path(data_dir) / "val.jsonl"
+        pool = generate_examples(settings.pool, seed=settings.data_seed, split="train")
+        val = generate_examples(64, seed=settings.data_seed + 1_000_003, split="train")
+        for path, examples in ((train_path, pool), (val_path, val)):
+            path.write_text("".join(json.dumps(r) + "\n" for r in training_records(examples)), encoding="utf-8")
+        config = TrainConfig(
+            output_dir=str(tmp), task="causal-lm", data=str(train_path), val_data=str(val_path),
+            targets=settings.targets, r=settings.r, alpha=settings.alpha, lr=settings.lr,
+            schedule=settings.schedule, warmup_steps=settings.warmup_steps, steps=settings.steps,
+            batch_size=settings.batch_size, seq_len=settings.seq_len, seed=settings.seed, progress=progress,
+            eval_max_examples=64,
+        )  # fmt: skip
+        try:
+            with _threads(num_threads):
+                result = train(config, model=model, tokenizer=tokenizer, callbacks=callbacks)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    seconds = time.perf_counter() - start
+    info = {
+        "key": settings.key(), "format_version": FORMAT_VERSION, "prompt": PROMPT_TEMPLATE,
+        "settings": asdict(settings), "train_seconds": round(seconds, 1),
+        "final_train_loss": result.final_train_loss,
+        "val_loss": None if result.validation is None else result.validation.loss,
+    }  # fmt: skip
+    (tmp / "parser.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    try:
+        if out.exists():
+            out.rmdir()  # empty (checked above); a non-empty one here means another process won the race
+        os.replace(tmp, out)
+    except OSError:
+        if not _is_adapter_dir(out):
+            raise
+        log.info("another process cached %s first; keeping that one", out)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def ensure_parser_adapter(
+    settings: ParserTrainSettings | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_missing: bool = True,
+) -> Path:
+    """The cached parser adapter for ``settings``, trained now if it is missing (and ``train_missing``)."""
+    settings = settings or ParserTrainSettings()
+    out = adapter_cache_dir(settings, cache_dir)
+    if _is_adapter_dir(out):
+        return out
+    if not train_missing:
+        raise PlanError(f"no cached parser adapter at {out}; train it with deltaw.plan.train_parser_adapter()")
+    log.info(
+        "training the scene-parser adapter on first use (%d steps x %d examples on the grammar's train split; "
+        "about %d min on one CPU core, once) -> %s",
+        settings.steps, settings.batch_size, max(1, round(settings.steps * 12 / 60)), out,
+    )  # fmt: skip
+    start = time.perf_counter()
+
+    def _progress(info: Any) -> None:
+        if info.step % 20 == 0 or info.step == info.total_steps:
+            log.info("parser adapter: step %d/%d, loss %.4f", info.step, info.total_steps, info.loss)
+
+    path = train_parser_adapter(out, settings=settings, model=model, tokenizer=tokenizer, callbacks=[_progress])
+    log.info("parser adapter trained in %.0f s and cached at %s", time.perf_counter() - start, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The parser
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LlmParser:
+    """A causal LM with the parser adapter active: greedy-decodes the compact JSON parse of each request.
+
+    ``parse(text)`` decodes one request; :meth:`prefetch` decodes many in length-sorted batches and memoises
+    the answers, so ``evaluate_parser_report(parser, examples)`` after ``parser.prefetch(texts)`` costs one
+    batched pass. ``fallback`` is the parser used when the model's answer is unusable (default: the rule
+    parser, with a warning); ``None`` raises :class:`PlanError` instead.
+    """
+
+    name = "llm"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        fallback: Parser | None | object = _RULES,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        batch_size: int = 32,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.fallback: Parser | None = RuleParser() if fallback is _RULES else fallback  # type: ignore[assignment]
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self._memo: dict[str, str] = {}
+        self.adapter_dir: Path | None = None
+        self.fallbacks = 0  # how many parses the fallback answered
+
+    @classmethod
+    def from_adapter(
+        cls,
+        adapter_dir: str | os.PathLike[str] | None = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        settings: ParserTrainSettings | None = None,
+        train_missing: bool = True,
+        merge: bool = True,
+        **kwargs: Any,
+    ) -> LlmParser:
+        """Load the base model (default: embedded SmolLM2) with a parser adapter.
+
+        The adapter is ``adapter_dir``, else ``$DELTAW_PLAN_PARSER_ADAPTER``, else the cached one (trained now
+        if missing and ``train_missing``). ``merge`` folds it into the weights for faster decoding.
+        """
+        import deltaw
+
+        if model is not None and tokenizer is None:
+            raise ValueError("pass the tokenizer together with the model")
+        chosen = adapter_dir or os.environ.get(ADAPTER_ENV) or None
+        if chosen is None:  # trains (on its own copy of the model) if missing
+            chosen = ensure_parser_adapter(settings, cache_dir, train_missing=train_missing)
+        elif not _is_adapter_dir(Path(chosen).expanduser()):
+            raise PlanError(f"parser adapter {str(chosen)!r} is not a PEFT adapter folder (adapter_config.json + "
+                            "adapter_model.safetensors)")
+        if model is None:
+            from deltaw.models import load_smollm2
+
+            model, tokenizer = load_smollm2()
+        deltaw.load(model, Path(chosen).expanduser(), ADAPTER_NAME, activate=True)
+        if merge:
+            deltaw.merge(model, ADAPTER_NAME)
+        parser = cls(model, tokenizer, **kwargs)
+        parser.adapter_dir = Path(chosen).expanduser()
+        return parser
+
+    # ---- decoding ---------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str]) -> list[str]:
+        """The model's raw completions for ``texts`` (greedy, batched, up to ``max_new_tokens``)."""
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        gen = GenerationConfig(
+            max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+            eos_token_id=tok.eos_token_id, bos_token_id=getattr(tok, "bos_token_id", None),
+        )  # fmt: skip
+        prompts = [tok(format_prompt(t))["input_ids"] for t in texts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        out: list[str] = [""] * len(prompts)
+        device = self._device()
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):  # left padding: every row's next token sits at the end
+                ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]) :] = 1
+            generated = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gen
+            )
+            for row, i in enumerate(chunk):
+                out[i] = tok.decode(generated[row, width:], skip_special_tokens=True)
+        return out
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        """Decode ``texts`` in batches and remember the answers for :meth:`parse`."""
+        todo = list(dict.fromkeys(t for t in texts if isinstance(t, str) and t.strip() and t not in self._memo))
+        if len(self._memo) + len(todo) > _MEMO_LIMIT:
+            self._memo.clear()
+        for start in range(0, len(todo), 256):
+            part = todo[start : start + 256]
+            self._memo.update(zip(part, self.generate(part)))
+
+    def completion(self, text: str) -> str:
+        """The raw model answer for one request (memoised)."""
+        if text not in self._memo:
+            self.prefetch([text])
+        return self._memo[text]
+
+    # ---- the Parser protocol ----------------------------------------------------------------------------------
+    def read(self, text: str, completion: str) -> ParsedScene:
+        """Turn a completion into a grounded parse, or raise :class:`PlanError` saying what is wrong with it."""
+        parsed = ParsedScene.from_target(completion)
+        why = ungrounded(parsed, text)
+        if why is not None:
+            raise PlanError(f"parser output is not supported by the text: {why}")
+        return parsed
+
+    def parse(self, text: str) -> ParsedScene:
+        if not isinstance(text, str) or not text.strip():
+            raise PlanError("scene text is empty; describe the entities, e.g. 'three nurses in a hospital'")
+        completion = self.completion(text)
+        try:
+            return self.read(text, completion)
+        except PlanError as exc:
+            if self.fallback is None:
+                raise PlanError(f"learned parser failed on {text!r}: {exc}") from None
+            log.warning("learned parser gave an unusable answer for %r (%s; output %r); using the %s parser",
+                        text, exc, completion[:120], self.fallback.name)
+            self.fallbacks += 1
+            return self.fallback.parse(text)
+
+
+def evaluate_llm_parser(parser: LlmParser, examples: Sequence[Any], **kwargs: Any):
+    """:func:`~deltaw.plan.grammar.evaluate_parser_report` after one batched decoding pass over the examples."""
+    from deltaw.plan.grammar import evaluate_parser_report
+
+    parser.prefetch(e.text for e in examples)
+    return evaluate_parser_report(parser, examples, **kwargs)
+
+
+@functools.cache
+def _default_parser(adapter_dir: str | None, cache_dir: str) -> Parser:
+    try:
+        return LlmParser.from_adapter(adapter_dir, cache_dir=cache_dir)
+    except ModuleNotFoundError as exc:  # the embedded model's wheel (or transformers) is not installed
+        log.warning("learned parser unavailable (%s); using the rule parser", exc)
+        return RuleParser()
+
+
+def default_llm_parser() -> Parser:
+    """``PARSERS["llm"]``: the embedded SmolLM2 with the cached (or ``$DELTAW_PLAN_PARSER_ADAPTER``) adapter,
+    loaded once per process. Falls back to the rule parser only when the embedded model is not installed."""
+    from deltaw.models import default_cache_dir
+
+    return _default_parser(os.environ.get(ADAPTER_ENV) or None, str(default_cache_dir()))

@@ -1,0 +1,75 @@
+"""The core fast paths issue 4 added for the performance suite: fused inference add, merge without a full
+finiteness pass, linear-time target matching, and zero-copy loading. Each must behave exactly like the plain
+path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+import deltaw
+from deltaw import api
+from toy_models import CASE_IDS, CASES, _logits, randomize
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fused_inference_add_equals_autograd_path(case):
+    model, x = case.build(), case.input()
+    deltaw.attach(model, case.config, "a")
+    deltaw.attach(model, case.config, "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    deltaw.activate(model, {"a": 0.7, "b": -1.3})
+    with torch.enable_grad():  # the out-of-place, autograd path
+        slow = _logits(model(x))
+        assert slow.requires_grad
+    with torch.no_grad():
+        fast = case.run(model, x)
+    with torch.inference_mode():
+        fast_inf = case.run(model, x)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_inf, slow.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_merge_bound_is_recomputed_after_the_base_changes():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    randomize(model, "a")
+    deltaw.merge(model, "a")
+    deltaw.unmerge(model)
+    with torch.no_grad():
+        model[0].base_layer.weight[0, 0] = float("inf")  # in place: bumps the version, so max|W0| is stale
+    with pytest.raises(deltaw.NonFiniteError):
+        deltaw.merge(model, "a")
+    assert not deltaw.merged(model)
+
+
+_name = hs.sampled_from(["q_proj", "v", "proj", "layers", "0", "1", "attn", "q", "model", "a_b"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.lists(hs.lists(_name, min_size=1, max_size=3).map(".".join), min_size=1, max_size=6),
+       hs.lists(_name, min_size=1, max_size=5).map(".".join))
+def test_target_matching_equals_the_suffix_rule(keys, path):
+    expected = any(path == key or path.endswith("." + key) for key in keys)
+    assert api._matches(tuple(keys), path) == expected
+
+
+def test_load_reads_a_private_copy(tmp_path):
+    from toy_models import tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a")
+    deltaw.save(model, tmp_path / "a", "a")
+    expected = {id(p): p.detach().clone() for p in deltaw.adapter_parameters(model, "a")}
+    deltaw.load(model, tmp_path / "a", "b")
+    loaded = deltaw.adapter_parameters(model, "b")
+    for p, q in zip(deltaw.adapter_parameters(model, "a"), loaded):
+        assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
+    (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # later edits of the file are not seen
+    for p, q in zip(deltaw.adapter_parameters(model, "a"), deltaw.adapter_parameters(model, "b")):
+        assert torch.equal(p, q)
+    assert expected

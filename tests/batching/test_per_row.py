@@ -1,0 +1,303 @@
+"""Per-row adapters: every row of a mixed batch equals that row run alone (``deltaw.using``) with its spec.
+
+Each model carries three adapters of different ranks and partly different targets (so some layers see only some
+adapters), randomized so every adapter changes the output. Every strategy is checked against the row-alone
+result and against the reference strategy.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltaw
+from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, per_row
+from toy_models import EmbeddingNet, tiny_gpt2, tiny_llama
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+FORCED = [s for s in STRATEGIES if s != "uniform"]  # "uniform" only applies to one-spec batches (tested below)
+
+ROWS = ["a", None, "b", {"a": 0.5, "c": -1.0}, "c", "a", {"b": 0.7, "a": 0.3}, "b"]
+
+
+def _randomize(model: nn.Module, name: str, seed: int, std: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(model, name):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _llama():
+    torch.manual_seed(0)
+    m = tiny_llama().eval()
+    deltaw.attach(m, deltaw.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "a")
+    deltaw.attach(m, deltaw.LoraConfig(r=2, alpha=2, target_modules=["q_proj", "v_proj", "embed_tokens"]), "b")
+    deltaw.attach(m, deltaw.LoraConfig(r=8, alpha=4, target_modules=["up_proj", "down_proj", "q_proj"],
+                                       rank_pattern={"down_proj": 3}), "c")
+    return m
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    m = tiny_gpt2().eval()
+    deltaw.attach(m, deltaw.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]), "a")
+    deltaw.attach(m, deltaw.LoraConfig(r=2, alpha=4, target_modules=["c_attn", "wte"]), "b")
+    deltaw.attach(m, deltaw.LoraConfig(r=6, alpha=6, use_rslora=True, target_modules=["c_fc", "c_attn"]), "c")
+    return m
+
+
+def _embedding():
+    torch.manual_seed(0)
+    m = EmbeddingNet().eval()
+    deltaw.attach(m, deltaw.LoraConfig(r=4, alpha=4, target_modules=["emb", "pos", "out"]), "a")
+    deltaw.attach(m, deltaw.LoraConfig(r=2, alpha=4, target_modules=["emb"]), "b")
+    deltaw.attach(m, deltaw.LoraConfig(r=5, alpha=5, target_modules=["emb", "out"]), "c")
+    return m
+
+
+MODELS = {"llama_linear": (_llama, 64), "gpt2_conv1d": (_gpt2, 64), "embedding": (_embedding, 10)}
+
+
+@pytest.fixture(params=list(MODELS), scope="module")
+def built(request):
+    build, vocab = MODELS[request.param]
+    model = build()
+    for i, name in enumerate("abc"):
+        _randomize(model, name, seed=10 + i)
+    x = torch.randint(1, vocab, (len(ROWS), 6), generator=torch.Generator().manual_seed(3))
+    return model, x
+
+
+def _out(model, x):
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _alone(model, x, rows):
+    with torch.no_grad():
+        outs = []
+        for i, spec in enumerate(rows):
+            with deltaw.using(model, spec):
+                outs.append(_out(model, x[i:i + 1]))
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("strategy", FORCED)
+def test_each_row_equals_that_row_alone(built, strategy):
+    model, x = built
+    expected = _alone(model, x, ROWS)
+    # the test means something only if the rows really differ from each other and from the base
+    assert not torch.allclose(expected[0], expected[5 - 4], **TOL)
+    with deltaw.disabled(model), torch.no_grad():
+        base = _out(model, x)
+    for i, spec in enumerate(ROWS):
+        if spec is not None:
+            assert not torch.allclose(expected[i], base[i], **TOL), f"row {i} ({spec}) has no effect"
+    with per_row(model, ROWS, strategy=strategy), torch.no_grad():
+        got = _out(model, x)
+    torch.testing.assert_close(got, expected, **TOL)
+    with per_row(model, ROWS, strategy=strategy), torch.inference_mode():
+        torch.testing.assert_close(_out(model, x), expected, **TOL)
+    assert deltaw.state(model).rows is None
+
+
+@pytest.mark.parametrize("strategy", FORCED)
+def test_strategies_agree_with_reference(built, strategy):
+    model, x = built
+    rows = ["c", "c", "b", "b", "a", "a", None, None]  # grouped order: the view-only path of "grouped"
+    for spec_rows in (rows, ROWS, ["a", "b", "c", "a", "b", "c", "a", "b"]):
+        with per_row(model, spec_rows, strategy="reference"), torch.no_grad():
+            ref = _out(model, x)
+        with per_row(model, spec_rows, strategy=strategy), torch.no_grad():
+            got = _out(model, x)
+        torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("rows", [["b"] * 8, [{"a": 0.5, "c": 0.25}] * 8, [None] * 8, ["a"] * 7 + [None]])
+def test_uniform_and_degenerate_batches(built, rows):
+    model, x = built
+    expected = _alone(model, x, rows)
+    for strategy in ("auto", "uniform", "dense", "grouped", "rowwise"):
+        with per_row(model, rows, strategy=strategy), torch.no_grad():
+            torch.testing.assert_close(_out(model, x), expected, **TOL)
+
+
+def test_leading_dimension_k_per_row():
+    """Beam search / num_return_sequences repeat each row k times in place (repeat_interleave)."""
+    model = _llama()
+    for i, name in enumerate("abc"):
+        _randomize(model, name, seed=10 + i)
+    rows = ["a", "b", None, {"c": 1.0, "a": -0.5}]
+    x = torch.randint(1, 64, (4, 5), generator=torch.Generator().manual_seed(1))
+    expected = _alone(model, x, rows).repeat_interleave(3, 0)
+    for strategy in FORCED:
+        with per_row(model, rows, strategy=strategy), torch.no_grad():
+            torch.testing.assert_close(_out(model, x.repeat_interleave(3, 0)), expected, **TOL)
+    with per_row(model, rows), torch.no_grad(), pytest.raises(deltaw.DeltawError, match="one entry per row"):
+        _out(model, x[:3])
+
+
+def test_unknown_adapter_raises_before_any_compute():
+    model = _llama()
+    calls = []
+    handles = [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in model.modules()]
+    x = torch.randint(1, 64, (3, 4))
+    with pytest.raises(deltaw.AdapterNameError, match="row 2.*nope"):
+        with per_row(model, ["a", None, {"b": 1.0, "nope": 0.5}]):
+            model(x)
+    with pytest.raises(deltaw.AdapterNameError):
+        deltaw.batching.generate(model, x, adapters=["a", "zzz", None], max_new_tokens=2)
+    with pytest.raises(ValueError, match="unknown per_row strategy"):
+        with per_row(model, ["a"] * 3, strategy="fastest"):
+            model(x)
+    for h in handles:
+        h.remove()
+    assert calls == [], "a forward ran before the bad row was reported"
+    assert deltaw.state(model).rows is None
+
+
+def test_context_restores_state_on_error_and_nests():
+    model = _llama()
+    st = deltaw.state(model)
+    with pytest.raises(RuntimeError):
+        with per_row(model, ["a", "b"]):
+            raise RuntimeError("boom")
+    assert st.rows is None
+    with per_row(model, ["a", "b"]) as outer:
+        with per_row(model, ["c"]) as inner:
+            assert st.rows is inner
+        assert st.rows is outer
+    assert st.rows is None
+
+
+def test_merged_adapters_follow_using_semantics(built):
+    model, x = built
+    deltaw.merge(model, {"a": 1.0})
+    try:
+        rows = ["a", "b", None, {"a": 0.5, "c": 1.0}, "c", "b", "a", None]
+        expected = _alone(model, x, rows)
+        for strategy in FORCED:
+            with per_row(model, rows, strategy=strategy), torch.no_grad():
+                torch.testing.assert_close(_out(model, x), expected, **TOL)
+    finally:
+        deltaw.unmerge(model)
+
+
+def test_packs_are_reused_and_invalidated_by_in_place_updates(built):
+    model, x = built
+    clear_cache()
+    rows = ["a", "b", "c", "a", "b", "c", None, "a"]
+    with per_row(model, rows, strategy="rowwise"), torch.no_grad():
+        first = _out(model, x)
+    with per_row(model, rows, strategy="rowwise"), torch.no_grad():
+        torch.testing.assert_close(_out(model, x), first, rtol=0, atol=0)
+    before = [p.detach().clone() for p in deltaw.adapter_parameters(model, "b")]
+    _randomize(model, "b", seed=99)  # in-place copy_: bumps the version, so the pack must be rebuilt
+    try:
+        expected = _alone(model, x, rows)
+        for strategy in FORCED:
+            with per_row(model, rows, strategy=strategy), torch.no_grad():
+                got = _out(model, x)
+            torch.testing.assert_close(got, expected, **TOL)
+        assert not torch.allclose(got[1], first[1], **TOL)
+    finally:
+        with torch.no_grad():
+            for p, old in zip(deltaw.adapter_parameters(model, "b"), before):
+                p.copy_(old)
+
+
+def test_gradients_flow_per_row():
+    """With grad enabled the reference path runs through the live parameters: each adapter gets gradient only
+    from its rows, equal to the gradient of those rows run alone."""
+    model = _llama()
+    for i, name in enumerate("abc"):
+        _randomize(model, name, seed=10 + i)
+    x = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(2))
+    deltaw.set_trainable(model, ["a", "b", "c"])
+    params = {n: deltaw.adapter_parameters(model, n) for n in "abc"}
+    with per_row(model, ["a", "b", None]):
+        _out(model, x).sum().backward()
+    got = {n: [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps] for n, ps in params.items()}
+    model.zero_grad(set_to_none=True)
+    for i, spec in enumerate(["a", "b"]):
+        with deltaw.using(model, spec):
+            _out(model, x[i:i + 1]).sum().backward()
+    for n in "ab":
+        for g, p in zip(got[n], params[n]):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+    assert all(torch.count_nonzero(g) == 0 for g in got["c"])
+
+
+def test_modules_to_save_heads():
+    torch.manual_seed(0)
+
+    class Clf(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model = Clf().eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["body"], modules_to_save=("head",)), "h1")
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["body"]), "plain")
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["body"], modules_to_save=("head",)), "h2")
+    for i, n in enumerate(["h1", "plain", "h2"]):
+        _randomize(model, n, seed=i)
+    x = torch.randn(3, 8)
+    with pytest.raises(MixedHeadsError, match="head"):
+        with per_row(model, ["h1", "h2", "h1"]):
+            pass
+    with pytest.raises(MixedHeadsError):
+        with per_row(model, ["h1", None, "h1"]):
+            pass
+    rows = ["h1", {"plain": 1.0, "h1": 0.5}, "h1"]  # every row's first adapter with a head copy is h1
+    expected = _alone(model, x, rows)
+    with per_row(model, rows), torch.no_grad():
+        torch.testing.assert_close(model(x), expected, **TOL)
+    rows = ["plain", None, "plain"]  # nobody has a copy: the original head
+    expected = _alone(model, x, rows)
+    with per_row(model, rows), torch.no_grad():
+        torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_conv_layers_use_the_reference_path():
+    from toy_models import ConvNet
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=3, target_modules=["conv1", "conv2", "fc"]), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["conv2"]), "b")
+    _randomize(model, "a", 1)
+    _randomize(model, "b", 2)
+    x = torch.randn(3, 3, 8, 8)
+    rows = ["a", "b", {"a": 1.0, "b": 1.0}]
+    expected = _alone(model, x, rows)
+    # ConvNet folds H into the batch of conv1 (leading dim N·H, row-major): the k-per-row layout.
+    with per_row(model, rows), torch.no_grad():
+        torch.testing.assert_close(model(x), expected, **TOL)
+
+
+def test_auto_picks_by_batch_shape():
+    """Decode-shaped calls group rows (each adapter read once); prefill-shaped ones go rowwise (no gather);
+    one shared spec is a plain LoRA; embeddings use the masked dense lookup; autograd uses the reference."""
+    model = _llama()
+    rows = ["a", "b", "a", "b"]
+    with per_row(model, rows) as plan, torch.no_grad():
+        model(torch.randint(1, 64, (4, 1)))
+        decode = plan.strategies_used()
+    assert decode.get("grouped") and decode.get("dense") and "rowwise" not in decode  # dense: embed_tokens
+    with per_row(model, rows) as plan, torch.no_grad():
+        model(torch.randint(1, 64, (4, 12)))
+        assert plan.strategies_used().get("rowwise")
+    with per_row(model, ["a", "a", {"a": 0.5}, {"a": 0.5}]) as plan, torch.no_grad():
+        model(torch.randint(1, 64, (4, 12)))  # already grouped in order on every layer: views, no copies
+        assert set(plan.strategies_used()) == {"grouped"}
+    with per_row(model, ["c"] * 4) as plan, torch.no_grad():
+        model(torch.randint(1, 64, (4, 3)))
+        assert set(plan.strategies_used()) == {"uniform"}
+    with per_row(model, rows) as plan:
+        model(torch.randint(1, 64, (4, 3)))
+        assert plan.strategies_used() == {}, "with autograd on, the reference path runs (not recorded)"

@@ -1,0 +1,253 @@
+"""On-demand loading, LRU eviction under the byte budget, pinning, unloading with requests in flight, hostile
+names and links, and corrupt adapters failing only their own requests."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serve_helpers import ADAPTERS, concurrently, start_server
+
+ADAPTER_BYTES = 9728  # r=4 on q/v/up/down of the 2-layer tiny Llama (v_proj out = 16), fp32
+
+
+def complete(url: str, model: str, prompt: str = "w1 w2", max_tokens: int = 4, **extra) -> httpx.Response:
+    return httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                                                     "temperature": 0, **extra}, timeout=60)
+
+
+def resident(url: str) -> dict:
+    return {a["id"]: a for a in httpx.get(f"{url}/v1/adapters", timeout=10).json()["data"]}
+
+
+def assert_openai_error(r: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return error
+
+
+def test_lru_eviction_and_pin(private_root, tokenizer, offline):
+    server, thread, url = start_server(private_root, tokenizer, max_adapter_memory=int(2.5 * ADAPTER_BYTES))
+    try:
+        for name in ("a0", "a1", "a2"):
+            assert complete(url, name).status_code == 200
+        assert set(resident(url)) == {"a1", "a2"}  # a0 was least recently used
+        assert server.metrics.cache_evictions.value() == 1
+        assert server.store.used_bytes() == 2 * ADAPTER_BYTES <= server.store.budget
+
+        r = httpx.post(f"{url}/v1/adapters", json={"name": "a1", "pin": True}, timeout=30)
+        assert r.status_code == 200 and r.json()["pinned"] is True
+        for name in ("a0", "a2", "a3", "a0"):
+            r = complete(url, name, max_tokens=6)
+            assert r.json()["choices"][0]["text"] == offline.text("w1 w2", name, 6)
+        state = resident(url)
+        assert "a1" in state and state["a1"]["pinned"] and len(state) == 2
+        assert server.metrics.cache_evictions.value() >= 3
+
+        # Pinned adapters hold the whole budget: a third adapter cannot fit, answered 503 in OpenAI format.
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "a2", "pin": True}, timeout=30).status_code == 200
+        assert_openai_error(complete(url, "a3"), 503, "adapter_memory_exhausted")
+        assert complete(url, "a1").status_code == 200  # the rest keeps working
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "a2", "pin": False}, timeout=30).json()["pinned"] is False
+        assert complete(url, "a3").status_code == 200
+        assert set(resident(url)) == {"a1", "a3"}
+    finally:
+        thread.stop()
+
+
+def test_unload_with_request_in_flight(private_root, tokenizer, offline):
+    server, thread, url = start_server(private_root, tokenizer)
+    try:
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "a3"}, timeout=30).status_code == 200
+        gate = threading.Event()
+        blocked = server.scheduler.call(gate.wait)  # hold the scheduler between steps
+        with ThreadPoolExecutor(2) as pool:
+            stream = pool.submit(complete, url, "a3", "w4 w5 w6", 40)
+            deadline = time.monotonic() + 10
+            while server.scheduler.queue_depth() < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            unload = pool.submit(httpx.delete, f"{url}/v1/adapters/a3", timeout=30)
+            time.sleep(0.3)  # the DELETE is queued behind the gate
+            gate.set()
+            blocked.result(5)
+            answer = unload.result(30).json()
+            assert answer["status"] == "draining" and answer["in_flight"] == 1
+            r = stream.result(60)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == offline.text("w4 w5 w6", "a3", 40)
+        assert "a3" not in resident(url)  # deleted when its last request finished
+        assert "a3" not in server.store.resident_names()
+        # Still on disk: a later request loads it again on demand.
+        assert complete(url, "a3").status_code == 200
+        assert httpx.delete(f"{url}/v1/adapters/a3", timeout=30).json()["status"] == "unloaded"
+        assert_openai_error(httpx.delete(f"{url}/v1/adapters/a3", timeout=30), 404, "model_not_found")
+    finally:
+        thread.stop()
+
+
+def test_path_traversal_and_symlink_escape_rejected(private_root, tmp_path, tokenizer):
+    outside = tmp_path / "outside"
+    shutil.copytree(private_root / "a0", outside / "evil")
+    os.symlink(outside / "evil", private_root / "escape")  # a directory link out of the root
+    (private_root / "half").mkdir()  # files linked out of the root
+    os.symlink(outside / "evil" / "adapter_config.json", private_root / "half" / "adapter_config.json")
+    os.symlink(outside / "evil" / "adapter_model.safetensors", private_root / "half" / "adapter_model.safetensors")
+    os.symlink(private_root / "a1", private_root / "alias")  # a link that stays inside is fine
+    server, thread, url = start_server(private_root, tokenizer)
+    try:
+        for name in ("../outside/evil", "/etc/passwd", "a0/../a1", "..", ".", "a0/", "a 0", "%2e%2e", "a0\x00"):
+            assert_openai_error(complete(url, name), 400, "invalid_model_name")
+        for name in ("escape", "half"):
+            assert_openai_error(complete(url, name), 403, "adapter_outside_root")
+            assert_openai_error(httpx.post(f"{url}/v1/adapters", json={"name": name}, timeout=10), 403)
+        assert_openai_error(httpx.post(f"{url}/v1/adapters", json={"name": "../a0"}, timeout=10), 400)
+        assert httpx.delete(f"{url}/v1/adapters/..%2Fa0", timeout=10).status_code in (400, 404)
+        assert_openai_error(complete(url, "missing"), 404, "model_not_found")
+        assert complete(url, "alias").status_code == 200
+        listed = {m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]}
+        assert listed == {"tiny", "alias", *ADAPTERS}
+        assert not any("evil" in n or "escape" in n for n in server.store.resident_names())
+    finally:
+        thread.stop()
+
+
+def test_corrupt_adapter_fails_only_its_own_requests(private_root, tokenizer, offline):
+    (private_root / "truncated").mkdir()
+    shutil.copy(private_root / "a0" / "adapter_config.json", private_root / "truncated")
+    data = (private_root / "a0" / "adapter_model.safetensors").read_bytes()
+    (private_root / "truncated" / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    shutil.copytree(private_root / "a1", private_root / "badconfig")
+    (private_root / "badconfig" / "adapter_config.json").write_text("{not json")
+    shutil.copytree(private_root / "a2", private_root / "wrongshape")
+    cfg = json.loads((private_root / "wrongshape" / "adapter_config.json").read_text())
+    cfg["r"] = 8
+    (private_root / "wrongshape" / "adapter_config.json").write_text(json.dumps(cfg))
+    server, thread, url = start_server(private_root, tokenizer)
+    try:
+        broken = ["truncated", "badconfig", "wrongshape"] * 3
+        good = [("a0", "w3 w4"), ("a1", "w5"), ("tiny", "w6 w7"), ("a2", "w8")] * 3
+
+        items = [(b, "w1") for b in broken] + good
+        answers = concurrently(url, [{"model": m, "prompt": p, "max_tokens": 8, "temperature": 0} for m, p in items])
+        for (model, prompt), (status, body) in zip(items, answers):
+            if model in ("truncated", "badconfig", "wrongshape"):
+                assert status == 422 and set(body["error"]) == {"message", "type", "param", "code"}
+                assert body["error"]["code"] == "adapter_load_failed"
+                assert model in body["error"]["message"] and len(body["error"]["message"]) > 40  # says why
+            else:
+                assert status == 200, body
+                assert body["choices"][0]["text"] == offline.text(prompt, None if model == "tiny" else model, 8)
+        with httpx.stream("POST", f"{url}/v1/completions", json={"model": "truncated", "prompt": "w1",
+                                                                "stream": True}, timeout=30) as s:
+            s.read()
+            assert s.status_code == 422  # a proper error even for streaming requests
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        assert server.metrics.adapter_loads.value(result="error") == 3  # failures are remembered, not re-read
+        # Fixing the files on disk makes the adapter loadable without a restart.
+        shutil.copy(private_root / "a1" / "adapter_config.json", private_root / "badconfig" / "adapter_config.json")
+        assert complete(url, "badconfig").status_code == 200
+    finally:
+        thread.stop()
+
+
+@pytest.mark.parametrize("body,code", [({"pin": True}, 400), ({"name": "tiny"}, 400), ({"name": "a0", "pin": "yes"},
+                                                                                        400)])
+def test_admin_validation(served, body, code):
+    _, url = served
+    assert_openai_error(httpx.post(f"{url}/v1/adapters", json=body, timeout=10), code)
+
+
+def test_adapters_with_their_own_heads_are_never_mixed(private_root, tokenizer, offline):
+    """An adapter with a modules_to_save copy of lm_head cannot share a batch with rows that need another head:
+    the scheduler keeps them apart (FIFO), and every answer still equals offline generation."""
+    import torch
+
+    import deltaw
+    from serve_helpers import TARGETS, make_llama
+
+    builder = make_llama()
+    deltaw.attach(builder, deltaw.LoraConfig(r=4, target_modules=TARGETS, modules_to_save=("lm_head",)), "h0")
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(builder, "h0"):
+            p.normal_(0.0, 0.3)
+    deltaw.save(builder, private_root / "h0", "h0")
+    reference = make_llama()
+    deltaw.load(reference, private_root / "h0", "h0", activate=False)
+
+    server, thread, url = start_server(private_root, tokenizer, max_batch_size=8, max_wait_ms=50)
+    try:
+        items = [("h0", "w1 w2"), ("a0", "w1 w2"), ("h0", "w3"), ("tiny", "w1 w2"), ("a1", "w4 w5"), ("h0", "w6")]
+        answers = concurrently(url, [{"model": m, "prompt": p, "max_tokens": 8, "temperature": 0} for m, p in items])
+        for (model, prompt), (status, body) in zip(items, answers):
+            assert status == 200, body
+            if model == "h0":
+                ids = tokenizer(prompt)["input_ids"]
+                with deltaw.using(reference, "h0"), torch.no_grad():
+                    out = reference.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)
+                new = out[0, len(ids):].tolist()
+                want = tokenizer.decode(new[:new.index(2)] if 2 in new else new, skip_special_tokens=True)
+            else:
+                want = offline.text(prompt, None if model == "tiny" else model, 8)
+            assert body["choices"][0]["text"] == want
+    finally:
+        thread.stop()
+
+
+def test_a_failing_forward_fails_only_its_own_sequence(private_root, tokenizer, offline):
+    """A forward error (simulated for rows of one adapter) fails that request with a 500 in OpenAI format; the
+    sequences prefilled with it are retried alone and answer correctly."""
+    server, thread, url = start_server(private_root, tokenizer, max_batch_size=8, max_wait_ms=100)
+    batch = server.scheduler.batch
+    real_prefill = batch.prefill
+
+    def flaky_prefill(seqs):
+        if any(s.adapter == "a2" for s in seqs):
+            raise RuntimeError("simulated kernel failure")
+        return real_prefill(seqs)
+
+    batch.prefill = flaky_prefill
+    try:
+        items = [("a0", "w1 w2"), ("a2", "w1 w2"), ("tiny", "w3"), ("a1", "w4 w5")]
+        answers = concurrently(url, [{"model": m, "prompt": p, "max_tokens": 6, "temperature": 0} for m, p in items])
+        for (model, prompt), (status, body) in zip(items, answers):
+            if model == "a2":
+                assert status == 500 and body["error"]["type"] == "server_error"
+                assert "simulated kernel failure" in body["error"]["message"]
+            else:
+                assert status == 200, body
+                assert body["choices"][0]["text"] == offline.text(prompt, None if model == "tiny" else model, 6)
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+        assert server.store.snapshot()["a2"]["in_flight"] == 0  # its reference was released
+    finally:
+        thread.stop()
+
+
+def test_client_that_gives_up_is_dropped_before_any_compute(private_root, tokenizer):
+    server, thread, url = start_server(private_root, tokenizer)
+    try:
+        gate = threading.Event()
+        blocked = server.scheduler.call(gate.wait)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/completions", timeout=0.5,
+                       json={"model": "tiny", "prompt": "w1", "max_tokens": 30, "temperature": 0})
+        deadline = time.monotonic() + 10
+        while not all(s.cancelled for s in server.scheduler._queue) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the handler notices the disconnect within about a second
+        gate.set()
+        blocked.result(5)
+        while server.scheduler.queue_depth() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.scheduler.queue_depth() == 0
+        assert server.metrics.generated_tokens.value() == 0
+    finally:
+        thread.stop()

@@ -1,0 +1,74 @@
+"""Pieces that need no server: incremental detokenisation, stop strings, the metrics text format, settings."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltaw.serve.metrics import Counter, Histogram, Metrics
+from deltaw.serve.protocol import IncrementalText, StopMatcher, gen_params
+from deltaw.serve.settings import ServeSettings
+
+
+def byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"])
+    tok.train_from_iterator(["héllo wörld", "naïve café", "日本語 テキスト", "emoji 🙂 ok"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_incremental_text_equals_full_decode_with_multibyte_characters():
+    tok = byte_level_tokenizer()
+    text = "héllo 🙂 日本語 café wörld"
+    ids = tok(text)["input_ids"]
+    inc = IncrementalText(tok)
+    deltas = [inc.add(i) for i in ids] + [inc.flush()]
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert all("\ufffd" not in d for d in deltas)  # half characters are held back, never streamed
+
+
+def test_stop_matcher_finds_earliest_and_holds_back_partial_matches():
+    m = StopMatcher(["END", "stop here"])
+    assert m.find("abc END stop here") == 4
+    assert m.find("nothing") is None
+    assert m.safe_end("abc sto") == len("abc ")  # "sto" may become "stop here"
+    assert m.safe_end("abc EN") == len("abc ")
+    assert m.safe_end("abc xyz") == len("abc xyz")
+    assert StopMatcher([]).safe_end("abc") == 3
+
+
+def test_gen_params_defaults_follow_openai():
+    p = gen_params({"model": "x"}, default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=False)
+    assert (p.max_tokens, p.temperature, p.top_p, p.n, p.stream, p.explicit_max_tokens) == (16, 1.0, 1.0, 1, False,
+                                                                                             False)
+    p = gen_params({"model": "x", "max_completion_tokens": 5}, default_max_tokens=None, max_tokens_limit=64, max_n=4,
+                   chat=True)
+    assert p.max_tokens == 5 and p.explicit_max_tokens
+
+
+def test_metrics_text_format_escapes_and_accumulates():
+    c = Counter("x_total", "help", ("adapter",))
+    c.inc(adapter='we"ird\\name\n')
+    c.inc(2, adapter="a")
+    lines = c.render()
+    assert lines[:2] == ["# HELP x_total help", "# TYPE x_total counter"]
+    assert 'x_total{adapter="a"} 2' in lines and 'x_total{adapter="we\\"ird\\\\name\\n"} 1' in lines
+    h = Histogram("h", "help", [1, 2])
+    for v in (0.5, 1.5, 5):
+        h.observe(v)
+    assert h.render()[2:] == ['h_bucket{le="1"} 1', 'h_bucket{le="2"} 2', 'h_bucket{le="+Inf"} 3', "h_sum 7",
+                              "h_count 3"]
+    assert "deltaw_batch_occupancy_ratio 0" in Metrics(8).render()
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        ServeSettings(batch_policy="round-robin")
+    with pytest.raises(ValueError):
+        ServeSettings(max_batch_size=0)
+    assert ServeSettings(api_key="").api_key is None

@@ -1,0 +1,70 @@
+"""--resume continues bit for bit, and refuses checkpoints of another configuration or base model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiny_models
+import torch
+
+import deltaw
+from deltaw.errors import BaseModelMismatchError
+from deltaw.train import CheckpointError, TrainConfig, train
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_at(step):
+    def callback(info):
+        if info.step == step:
+            raise Interrupt(f"killed after step {step}")
+    return callback
+
+
+def config(tmp_path, name, data, **overrides):
+    # Dropout > 0 so that the RNG state matters; grad accumulation so that the data position matters.
+    settings = dict(output_dir=str(tmp_path / name), data=str(data), model="tiny", steps=9, lr=5e-3, dropout=0.1,
+                    batch_size=2, grad_accum=2, seq_len=48, checkpoint_every=3, eval_every=3, progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def go(cfg, seed=0, callbacks=()):
+    model, tok = tiny_models.tiny_llama(seed)
+    return train(cfg, model=model, tokenizer=tok, callbacks=callbacks)
+
+
+def step_losses(path):
+    return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "step"]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, text_file):
+    full = go(config(tmp_path, "full", text_file))
+    with pytest.raises(Interrupt):
+        go(config(tmp_path, "cut", text_file), callbacks=[stop_at(5)])  # dies between checkpoints 3 and 6
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()] == ["step-000003"]
+    resumed = go(config(tmp_path, "cut", text_file, resume=True))
+    assert resumed.resumed_from.name == "step-000003" and resumed.steps == 9
+    a = deltaw.read_adapter(full.adapter_dir).factors
+    b = deltaw.read_adapter(resumed.adapter_dir).factors
+    assert a.keys() == b.keys()
+    for module in a:
+        assert torch.equal(a[module]["A"], b[module]["A"]) and torch.equal(a[module]["B"], b[module]["B"]), module
+    assert step_losses(full.log_path) == step_losses(resumed.log_path)  # the log reads like one run
+
+
+def test_resume_refuses_another_config(tmp_path, text_file):
+    go(config(tmp_path, "run", text_file, steps=4))
+    with pytest.raises(CheckpointError, match=r"lr: checkpoint 0.005, now 0.01"):
+        go(config(tmp_path, "run", text_file, steps=4, lr=1e-2, resume=True))
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        go(config(tmp_path, "empty", text_file, resume=True))
+
+
+def test_resume_refuses_another_base(tmp_path, text_file):
+    go(config(tmp_path, "run", text_file, steps=4))
+    with pytest.raises(BaseModelMismatchError):
+        go(config(tmp_path, "run", text_file, steps=4, resume=True), seed=1)
