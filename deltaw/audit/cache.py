@@ -3,8 +3,8 @@
 Why a cache: ``deltaw audit --out DIR`` with no adapter must have something to audit, and training takes
 minutes on a CPU; the second audit should take only the measuring time. Each adapter is cached on its own
 under ``<cache>/audit/<probe>-<name>-<key>/`` (PEFT format plus ``debias.json``), where ``key`` hashes
-everything that decides the result: a fingerprint of the base model's weights, the probe file's content,
-the target, the train fillers/templates and every :class:`DebiasConfig` field. Change any of them and a
+everything that decides the result: a fingerprint of the base model's weights, the probe fields training
+reads (attribute words, modifiers, neutral texts, slot), the target, the train fillers/templates and every :class:`DebiasConfig` field. Change any of them and a
 new adapter is trained; nothing stale is ever reused. Entries are written to a temporary folder and
 renamed into place, so an interrupted training leaves no half-written cache.
 """
@@ -74,7 +74,9 @@ def model_fingerprint(model: nn.Module, samples: int = 32) -> str:
 
 def cache_key(model: nn.Module, probe: Probe, config: DebiasConfig, fillers: Sequence[str],
               templates: Sequence[str], target: dict[str, float]) -> str:
-    blob = json.dumps({"format": CACHE_FORMAT, "model": model_fingerprint(model), "probe": probe.raw,
+    # Only what training reads (documentation fields such as "source" may change freely).
+    used = {"slot": probe.slot, "values": probe.values, "modifiers": probe.modifiers, "neutral": probe.neutral}
+    blob = json.dumps({"format": CACHE_FORMAT, "model": model_fingerprint(model), "probe": used,
                        "target": target, "fillers": list(fillers), "templates": list(templates),
                        "config": config.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

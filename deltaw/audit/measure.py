@@ -431,7 +431,7 @@ def measure(model: nn.Module, tokenizer, probe: Probe, *, label: str = "model", 
     """
     if mode not in ("exact", "sampled"):
         raise ValueError(f"mode must be 'exact' or 'sampled', got {mode!r}")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     prompts = list(prompts) if prompts is not None else probe.prompts()
     controls = list(controls) if controls is not None else probe.control_prompts()
     values = probe.value_names
@@ -477,6 +477,7 @@ def measure(model: nn.Module, tokenizer, probe: Probe, *, label: str = "model", 
                     control_p=control_p.double(), heldout_ppl=ppl, neutral_kl=kl_value,
                     logits=logits if keep_logits else None, neutral_logprobs=n_logp,
                     seconds=time.perf_counter() - start, unscored=unscored, samples=samples, extra=extra)
+    m.extra.setdefault("row", {})["cpu_seconds"] = round(time.process_time() - cpu_start, 2)
     log.info("%s: tv %.4f  ctrl %s  ppl %s  neutral_kl %s  (%.1fs)", label, m.headline().get("tv_to_target") or float("nan"),
              m.controllability()["fraction"], f"{ppl:.3f}" if ppl else None,
              f"{kl_value:.5f}" if kl_value is not None else None, m.seconds)

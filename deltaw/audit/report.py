@@ -59,6 +59,7 @@ class AuditConfig:
     attribute_fn: str | None = None  # sampled mode: module:function, regex JSON map, or None = probe's regex
     n_samples: int = 16
     max_new_tokens: int = 12
+    sampled_scope: str = "heldout"  # sampled mode: "heldout" (held-out fillers x templates) or "all" prompts
     seed: int = 0
     control_templates: int = 1  # stated-value prompts use this many templates of each split (x all fillers)
     ppl_per_topic: int = 1  # BBC test articles per topic for held-out perplexity
@@ -104,9 +105,9 @@ def _freeze(model: nn.Module) -> None:
         p.requires_grad_(False)
 
 
-def _control_prompts(probe: Probe, n_templates: int) -> list[Prompt]:
+def _control_prompts(probe: Probe, n_templates: int, fillers: Sequence[str] | None = None) -> list[Prompt]:
     templates = [t for s in ("train", "heldout") for t in probe.templates[s][:n_templates]]
-    return probe.control_prompts(templates=templates)
+    return probe.control_prompts(fillers, templates=templates)
 
 
 def _equal_report(a: Measurement, b: Measurement) -> dict[str, Any]:
@@ -159,7 +160,8 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     loader = loader or _default_loader
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    load_before = _loadavg()
     timings: dict[str, float] = {}
 
     probe = load_probe(config.probe)
@@ -179,8 +181,14 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     score = resolve_scorer(config.attribute_fn, probe.regex, probe.value_names) if config.mode == "sampled" else None
     tokens = attribute_tokens(tokenizer, probe) if config.mode == "exact" else None
     ppl_ids = bbc_perplexity_ids(tokenizer, per_topic=config.ppl_per_topic, seq_len=config.ppl_seq_len)
-    prompts = probe.prompts()
-    controls = _control_prompts(probe, config.control_templates)
+    if config.mode == "sampled" and config.sampled_scope == "heldout":
+        # Generation costs n_samples x max_new_tokens passes per prompt: by default only the headline cell.
+        held = list(probe.fillers["heldout"]) or list(probe.fillers["train"])
+        prompts = probe.prompts(held, list(probe.templates["heldout"]) or list(probe.templates["train"]))
+        controls = _control_prompts(probe, config.control_templates, fillers=held)
+    else:
+        prompts = probe.prompts()
+        controls = _control_prompts(probe, config.control_templates)
 
     def run(label: str, m: nn.Module, reference: Measurement | None, keep: bool = True) -> Measurement:
         return measure(m, tokenizer, probe, label=label, mode=config.mode, reference=reference, ppl_ids=ppl_ids,
@@ -264,8 +272,9 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
         if m is not None:
             timings[label] = m.seconds
     timings["total"] = time.perf_counter() - t0
+    timings["total_cpu"] = time.process_time() - cpu0
     report = build_report(probe, config, rows, removed_check, merged_check, adapter_source=adapter_source,
-                          training=training, timings=timings, notes=notes, tokens=tokens)
+                          training=training, timings=timings, notes=notes, tokens=tokens, load_before=load_before)
     if plot:
         png = plot_skew(report, out / "skew.png")
         report["plot"] = png.name if png is not None else None
@@ -273,6 +282,14 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     (out / "report.md").write_text(render_markdown(report))
     log.info("audit written to %s (%.0fs)", out, timings["total"])
     return report
+
+
+def _loadavg() -> float | None:
+    """The 1-minute load average (recorded so that wall-clock timings on a shared machine can be read)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _json_default(obj: Any) -> Any:
@@ -283,13 +300,35 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+FLIP_MIN_BASE = 0.05  # a filler the base leans on by at least this much ...
+FLIP_MIN_AFTER = 0.02  # ... and that now leans the other way by at least this much, was overshot
+
+
+def flipped_fillers(base: dict[str, Any] | None, row: dict[str, Any]) -> list[str]:
+    """Fillers whose skew changed sign against the base (|base| >= 0.05, |now| >= 0.02): a fix that overshoots.
+    Mean TV hides this -- a nurse pushed from "she" to "he" counts as much as one left at "she"."""
+    if base is None:
+        return []
+    out = []
+    for filler, b in base["per_filler"].items():
+        now = row["per_filler"].get(filler, {}).get("skew")
+        was = b.get("skew")
+        if now is None or was is None:
+            continue
+        if abs(was) >= FLIP_MIN_BASE and abs(now) >= FLIP_MIN_AFTER and (was > 0) != (now > 0):
+            out.append(filler)
+    return out
+
+
 def build_report(probe: Probe, config: AuditConfig, rows: dict[str, Measurement | None],
                  removed_check: dict[str, Any], merged_check: dict[str, Any], *, adapter_source: str,
-                 training: dict[str, Any], timings: dict[str, float], notes: list[str], tokens=None) -> dict[str, Any]:
+                 training: dict[str, Any], timings: dict[str, float], notes: list[str], tokens=None,
+                 load_before: float | None = None) -> dict[str, Any]:
     out_rows = {label: (rows[label].row() if rows.get(label) is not None else None) for label in ROW_ORDER}
     for r in out_rows.values():
         if r is not None:
             r.pop("attribute_tokens", None)
+            r["flipped_fillers"] = flipped_fillers(out_rows["base"], r)
     report: dict[str, Any] = {
         "rows": out_rows,
         "removed_equals_base": removed_check["equal"],
@@ -305,6 +344,7 @@ def build_report(probe: Probe, config: AuditConfig, rows: dict[str, Measurement 
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "notes": notes,
         "torch_threads": torch.get_num_threads(),
+        "machine": {"cpus": os.cpu_count(), "loadavg_1min_at_start_end": [load_before, _loadavg()]},
     }
     return report
 
@@ -374,7 +414,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     if report.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in report["notes"]] + [""]
-    lines += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
+    machine = report.get("machine", {})
+    lines += ["## Timings (s)", "", ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()),
+              "", f"{machine.get('cpus')} CPUs, {report.get('torch_threads')} torch thread(s), 1-min load average at "
+              f"start/end {machine.get('loadavg_1min_at_start_end')} (wall-clock times scale with it; total_cpu does "
+              "not).", ""]
     src = probe.get("source")
     if src:
         lines += ["## Probe source", ""]
@@ -403,9 +447,15 @@ def conclusions(report: dict[str, Any]) -> list[str]:
                    f"{_fmt(report['merged_check'].get('max_abs_logit_diff'), 6)}).")
     if st and ad and base:
         out.append(f"Stacked adapters: TV {_fmt(st['tv_to_target'])} (single {_fmt(ad['tv_to_target'])}), skew "
-                   f"{_fmt(st['skew'])}, perplexity {_fmt(st['heldout_ppl'], 3)} (base {_fmt(base['heldout_ppl'], 3)}), "
-                   f"neutral KL {_fmt(st['neutral_kl'], 5)} (single {_fmt(ad['neutral_kl'], 5)}), controllability "
-                   f"{_fmt(st['controllability'], 3)}.")
+                   f"{_fmt(st['skew'])}, perplexity {_fmt(st['heldout_ppl'], 3)} (single {_fmt(ad['heldout_ppl'], 3)}, "
+                   f"base {_fmt(base['heldout_ppl'], 3)}), neutral KL {_fmt(st['neutral_kl'], 5)} (single "
+                   f"{_fmt(ad['neutral_kl'], 5)}), attribute mass {_fmt(st['attribute_mass'], 3)} (base "
+                   f"{_fmt(base['attribute_mass'], 3)}), controllability {_fmt(st['controllability'], 3)}.")
+    for label, r in (("adapter", ad), ("stacked", st)):
+        if r and r.get("flipped_fillers"):
+            n = len(r["per_filler"])
+            out.append(f"{label}: the skew changed sign (overshoot) for {len(r['flipped_fillers'])} of {n} fillers: "
+                       f"{', '.join(r['flipped_fillers'])}.")
     return out
 
 

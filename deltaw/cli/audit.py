@@ -92,6 +92,8 @@ def audit_cmd(
                                                           "earliest match wins."),
     samples: int | None = typer.Option(None, help="Sampled mode: continuations per prompt (default 16)."),
     max_new_tokens: int | None = typer.Option(None, help="Sampled mode: tokens per continuation (default 12)."),
+    sampled_scope: str = typer.Option("heldout", help="Sampled mode: 'heldout' (held-out fillers x templates, "
+                                                      "the headline cell) or 'all' prompts (slow)."),
     steps: int | None = typer.Option(None, help="Training steps of the default adapters (default 60)."),
     quick: bool = typer.Option(False, help="CI size: a few fillers/templates, short training, short perplexity."),
     keep_merged: bool = typer.Option(False, help="Keep the merged plain model in OUT/merged_model."),
@@ -114,6 +116,8 @@ def audit_cmd(
 
     if mode not in ("exact", "sampled"):
         raise typer.BadParameter("--mode must be 'exact' or 'sampled'")
+    if sampled_scope not in ("heldout", "all"):
+        raise typer.BadParameter("--sampled-scope must be 'heldout' or 'all'")
     if attribute_fn and attribute_regex:
         raise typer.BadParameter("give --attribute-fn or --attribute-regex, not both")
     n = configure_threads(threads)
@@ -122,7 +126,7 @@ def audit_cmd(
         config = AuditConfig.quick() if quick else AuditConfig()
         overrides = {"probe": probe, "target": _resolved_target(probe_obj, target), "mode": mode,
                      "attribute_fn": attribute_fn or attribute_regex, "seed": seed, "keep_merged": keep_merged,
-                     "n_samples": samples, "max_new_tokens": max_new_tokens}
+                     "n_samples": samples, "max_new_tokens": max_new_tokens, "sampled_scope": sampled_scope}
         config = replace(config, **{k: v for k, v in overrides.items() if v is not None or k in ("probe", "target")})
         config = replace(config, debias=replace(config.debias, seed=seed, **({"steps": steps} if steps else {})))
         report = run_audit(out, config=config, model_path=model, adapter=adapter, stack=stack,

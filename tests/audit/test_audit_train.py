@@ -14,7 +14,7 @@ from deltaw.audit import AuditConfig, DebiasConfig, load_probe, run_audit, train
 from deltaw.audit.cache import model_fingerprint
 from deltaw.audit.debias import FrozenPrefix, lora_config_for
 
-FAST = DebiasConfig(steps=25, lr=2e-2, batch_size=12, control_batch=4, neutral_batch=2, targets="top:2", r=4)
+FAST = DebiasConfig(steps=20, lr=2e-2, batch_size=12, control_batch=4, neutral_batch=2, targets="top:2", r=4)
 
 
 def _probe():
@@ -65,7 +65,7 @@ def _loader(path):
 def test_audit_rows_removed_is_base_and_merged_keeps_the_shift(tmp_path):
     model, tok = tiny_pair()
     config = replace(AuditConfig.quick(), n_fillers=4, n_templates=1, n_neutral=2, ppl_seq_len=16,
-                     debias=replace(FAST, steps=15))
+                     debias=replace(FAST, steps=6))
     report = run_audit(tmp_path / "out", config=config, model=model, tokenizer=tok, cache_root=tmp_path / "cache",
                        loader=_loader)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
