@@ -134,7 +134,8 @@ def per_row(model: nn.Module, rows: Sequence[RowSpec], *, strategy: str = "auto"
     ("reference", "dense", "grouped", "rowwise", "uniform"; "auto" picks per layer and batch shape).
 
     Inside, every forward must have the rows as its leading dimension (or k consecutive entries per row, as
-    beam search and ``num_return_sequences`` lay them out). The previous plan (if nested) comes back after."""
+    beam search and ``num_return_sequences`` lay them out). The previous plan (if nested) comes back after.
+    The plan lives on the model's shared state: one ``per_row`` batch per model at a time (serialise threads)."""
     st = api.state(model)
     plan = RowPlan(st, rows, strategy)
     before = st.rows
