@@ -20,7 +20,9 @@ SAME_BASE_COSINE = 0.999  # fp32 vs bf16 copies of one model score > 0.9999; unr
 @functools.lru_cache(maxsize=256)
 def _indices(n: int, device: torch.device) -> torch.Tensor:
     """Evenly spaced flat positions, computed once per weight size (loading checks ~200 weights of ~7 sizes)."""
-    return torch.linspace(0, n - 1, steps=min(SAMPLES_PER_MODULE, n), device=device).round().long()
+    # float64: in float32 the last position of a weight over 2**24 elements rounds past its end.
+    return torch.linspace(0, n - 1, steps=min(SAMPLES_PER_MODULE, n), dtype=torch.float64,
+                          device=device).round().long()
 
 
 def _sample(weight: torch.Tensor) -> torch.Tensor:

@@ -207,3 +207,12 @@ def test_unsupported_target_type():
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):
         deltaw.LoraConfig(**kwargs)
+
+
+def test_fingerprint_of_weight_over_2_pow_24_elements():
+    """Regression: sample positions computed in float32 ran past the end of large weights (embeddings, heads)."""
+    from deltaw.io.fingerprints import fingerprint
+    w = torch.zeros(2**24 + 3)
+    w[-1] = 7.0
+    fp = fingerprint({"emb": w})
+    assert fp["samples"]["emb"][-1] == 7.0
