@@ -38,10 +38,12 @@ def adapters(model: nn.Module) -> list[str]:
 
 
 # ---- target resolution ---------------------------------------------------------------------------------
-def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, base module) for every module that could be adapted; wrappers report their base layer."""
+def _candidates(model: nn.Module, named: Sequence[tuple[str, nn.Module]] | None = None,
+                ) -> Iterator[tuple[str, nn.Module]]:
+    """(path, base module) for every module that could be adapted; wrappers report their base layer.
+    ``named``: ``list(model.named_modules())`` when the caller already walked the tree."""
     skip = None  # named_modules is pre-order: a wrapper's descendants directly follow it, so one prefix suffices
-    for path, module in model.named_modules():
+    for path, module in (named if named is not None else model.named_modules()):
         if skip is not None and path.startswith(skip):
             continue
         if isinstance(module, (LoraLayer, ModulesToSave)):
@@ -73,6 +75,8 @@ def _matches(spec: tuple[str, ...] | str, path: str) -> bool:
     a loaded adapter that lists all of its ~200 module paths resolves in linear time."""
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
+    if not spec:
+        return False
     keys = _key_set(spec if isinstance(spec, tuple) else tuple(spec))
     if path in keys:
         return True
@@ -91,7 +95,8 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (path, base module) pairs ``config`` selects, or a TargetError listing what could be targeted."""
-    candidates = list(_candidates(model))
+    named = list(model.named_modules())  # one walk of the tree serves both passes below
+    candidates = list(_candidates(model, named))
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
         chosen = [(p, m) for p, m in candidates if layer_class_for(m) in (LoraLinear, LoraConv1D)
@@ -103,7 +108,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
     chosen = [(p, m) for p, m in chosen if not _matches(config.modules_to_save, p)]
     # Any module named by target_modules that exists but has an unsupported type is an error, not a skip.
     if not isinstance(config.target_modules, str):
-        for path, module in model.named_modules():
+        for path, module in named:
             if _matches(config.target_modules, path) and layer_class_for(module) is None and not isinstance(
                     module, (LoraLayer, ModulesToSave)) and not any(path.startswith(p + ".") for p, _ in chosen):
                 raise TargetError(f"module {path!r} ({type(module).__name__}) matches target_modules but deltaw "
@@ -146,7 +151,8 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
     if name in st.adapters:
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     targets = resolve_targets(model, config)
-    tied = _tied_names(model)
+    # Tied weights matter only for layers wrapped now (loading onto existing wrappers skips the walk).
+    tied = _tied_names(model) if any(p not in st.layers for p, _ in targets) else {}
 
     # Phase 1: build wrappers and check every rank, touching nothing.
     plan: list[tuple[str, LoraLayer, bool]] = []

@@ -71,6 +71,7 @@ def _cached(layer: LoraLayer, key: Hashable, build: Callable[[], object]) -> obj
     # Packs are plain (non-inference) tensors built without autograd, usable in any later mode.
     with torch.inference_mode(False), torch.no_grad():
         value = build()
+    log.debug("packed %s for a %s", key[0], type(layer).__name__)
     entries[key] = value
     while len(entries) > CACHE_ENTRIES_PER_LAYER:
         entries.popitem(last=False)
@@ -168,7 +169,7 @@ class LayerRows:
         (16 distinct adapters 1.29× base vs 1.45× dense; 4 adapters 1.14× vs 1.21× dense, 1.23× rowwise);
         prefill: ``rowwise`` -- no gather/scatter of the activations (BERT 8×128, 4 adapters: 1.006× vs 1.044×
         grouped, 1.15× dense), unless the rows are already grouped in order (``grouped`` is then pure views)
-        or the per-row copies would exceed ``ROWWISE_MAX_BYTES`` for this layer."""
+        or the per-row copies would exceed two per adapter or ``ROWWISE_MAX_BYTES`` for this layer."""
         if self.kind == "other":
             return "reference"
         if self.G == 1 and not self.has_none:
@@ -176,8 +177,9 @@ class LayerRows:
         if self.kind == "embedding":
             return "dense"
         tokens_per_row = x.numel() // (self.B * x.shape[-1])
-        if tokens_per_row > 4 and not self._grouped_in_order() and self._rowwise_bytes() <= ROWWISE_MAX_BYTES:
-            return "rowwise"
+        if tokens_per_row > 4 and not self._grouped_in_order() and self.B <= 2 * self.G \
+                and self._rowwise_bytes() <= ROWWISE_MAX_BYTES:
+            return "rowwise"  # ≤ 2 copies of each needed adapter, bounded per layer
         return "grouped"
 
     def _grouped_in_order(self) -> bool:

@@ -30,18 +30,48 @@ def _sample(weight: torch.Tensor) -> torch.Tensor:
     return flat[_indices(flat.numel(), flat.device)].float().cpu()  # (k,)
 
 
+def _sampled(weights: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    paths = sorted(weights)
+    return paths, [_sample(weights[p]) for p in paths]
+
+
+def _digest(paths: list[str], samples: list[torch.Tensor]) -> str:
+    """sha256 over (path, bf16 bytes of its samples) in path order; one dtype conversion for all modules."""
+    raw = torch.cat(samples).to(torch.bfloat16).view(torch.int16).numpy().tobytes()  # precision-stable bytes
+    h = hashlib.sha256()
+    pos = 0
+    for path, s in zip(paths, samples):
+        h.update(path.encode())
+        h.update(raw[pos:pos + 2 * s.numel()])
+        pos += 2 * s.numel()
+    return h.hexdigest()
+
+
 def fingerprint(weights: dict[str, torch.Tensor]) -> dict:
     """{"shapes": {path: shape}, "sha256": hex | None, "samples": {path: [floats]}} over pristine base weights."""
     shapes = {path: list(w.shape) for path, w in sorted(weights.items())}
     if any(w.device.type == "meta" for w in weights.values()):
         return {"shapes": shapes, "sha256": None, "samples": {}}
-    samples = {path: _sample(w) for path, w in sorted(weights.items())}
-    h = hashlib.sha256()
-    for path, s in samples.items():
-        h.update(path.encode())
-        h.update(s.to(torch.bfloat16).view(torch.int16).numpy().tobytes())  # precision-stable bytes
-    return {"shapes": shapes, "sha256": h.hexdigest(),
-            "samples": {p: [float(f"{v:.6g}") for v in s.tolist()] for p, s in samples.items()}}
+    paths, samples = _sampled(weights)
+    values = torch.cat(samples).tolist()
+    out: dict[str, list[float]] = {}
+    pos = 0
+    for path, s in zip(paths, samples):
+        out[path] = [float(f"{v:.6g}") for v in values[pos:pos + s.numel()]]
+        pos += s.numel()
+    return {"shapes": shapes, "sha256": _digest(paths, samples), "samples": out}
+
+
+def same_base_quick(saved: dict, weights: dict[str, torch.Tensor]) -> bool:
+    """True when the shapes agree and the exact hash matches -- the usual case when loading, decided without
+    building the sample lists. False means "not proven": run ``compare`` on a full ``fingerprint``."""
+    if not saved.get("sha256") or any(w.device.type == "meta" for w in weights.values()):
+        return False
+    for path, shape in saved.get("shapes", {}).items():
+        w = weights.get(path)
+        if w is not None and list(w.shape) != list(shape):
+            return False
+    return _digest(*_sampled(weights)) == saved["sha256"]
 
 
 def compare(saved: dict, current: dict) -> str | None:

@@ -167,6 +167,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] |
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         return None
     tensors: dict[str, torch.Tensor] = {}
+    views: dict[torch.dtype, torch.Tensor] = {}
     total = buf.numel()
     for key, info in header.items():
         try:
@@ -185,8 +186,14 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] |
             return None
         if begin % item:  # misaligned for a view: copy this one
             tensors[key] = buf[begin:end].clone().view(dtype).view(shape)
-        else:
-            tensors[key] = buf[begin:end].view(dtype).view(shape)
+            continue
+        typed = views.get(dtype)
+        if typed is None:
+            typed = views[dtype] = buf[:total - total % item].view(dtype)  # the whole buffer as this dtype
+        strides = [1] * len(shape)
+        for i in range(len(shape) - 2, -1, -1):
+            strides[i] = strides[i + 1] * shape[i + 1]
+        tensors[key] = typed.as_strided(shape, strides, begin // item)  # one op per tensor
     return meta, tensors
 
 
@@ -329,7 +336,8 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
 # ---- load ----------------------------------------------------------------------------------------------
 def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> None:
     """Every module the file names exists, has a supported type, and fits the factor shapes."""
-    modules = dict(model.named_modules())
+    named = list(model.named_modules())  # one walk, shared with the candidate scan below
+    modules = dict(named)
     st = model.__dict__.get(api._STATE_ATTR)
     for path, entry in adapter.factors.items():
         layer = st.layers.get(path) if st is not None else None
@@ -355,7 +363,7 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> N
         exclude = adapter.peft.get("exclude_modules") or ()
         exclude = exclude if isinstance(exclude, str) else tuple(exclude)
         keep = set(adapter.peft.get("modules_to_save") or ())
-        wanted = {p for p, m in api._candidates(model) if api._matches(spec, p)
+        wanted = {p for p, m in api._candidates(model, named) if api._matches(spec, p)
                   and not (exclude and api._matches(exclude, p)) and not api._matches(tuple(keep), p)}
         missing = sorted(wanted - set(adapter.factors))
         if missing:
@@ -375,13 +383,17 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> N
                                          f"model has {tuple(current[k].shape)}")
 
 
-def _current_fingerprint(model: nn.Module, modules: list[str]) -> dict:
+def _current_weights(model: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
     st = model.__dict__.get(api._STATE_ATTR)
     weights = {}
     for path in modules:
         layer = st.layers.get(path) if st is not None else None
         weights[path] = _pristine_weight(layer) if layer is not None else model.get_submodule(path).weight
-    return fp.fingerprint(weights)
+    return weights
+
+
+def _current_fingerprint(model: nn.Module, modules: list[str]) -> dict:
+    return fp.fingerprint(_current_weights(model, modules))
 
 
 def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
@@ -395,7 +407,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, tr
     _check_against_model(model, adapter, name)
     saved_fp = adapter.deltaw_meta.get("fingerprint")
     if saved_fp:
-        why = fp.compare(saved_fp, _current_fingerprint(model, sorted(adapter.factors)))
+        weights = _current_weights(model, sorted(adapter.factors))
+        why = None if fp.same_base_quick(saved_fp, weights) else fp.compare(saved_fp, fp.fingerprint(weights))
         if why is not None:
             if not allow_base_mismatch:
                 raise BaseModelMismatchError(

@@ -39,7 +39,7 @@ class LoraEmbedding(LoraLayer):
         return w.addmm_(a.T, b.T, alpha=alpha) if inplace else torch.addmm(w, a.T, b.T, alpha=alpha)
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
-        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        a, b = self._a_params[name], self._b_params[name]
         if y.dtype != b.dtype or not y.is_contiguous():
             return super().add_lora_(y, x, name, scale)
         h = self._lookup(x, a.T)  # (..., r)

@@ -46,7 +46,7 @@ class LoraLinear(LoraLayer):
         return b, a  # ΔW = B·A (out, in)
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
-        a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        a, b = self._a_params[name], self._b_params[name]
         if x.dtype != a.dtype or y.dtype != b.dtype or not y.is_contiguous():
             return super().add_lora_(y, x, name, scale)
         h = F.linear(x, a)  # (..., r)

@@ -33,14 +33,14 @@ def test_fused_inference_add_equals_autograd_path(case):
     torch.testing.assert_close(fast_inf, slow.detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_merge_bound_is_recomputed_after_the_base_changes():
+def test_merge_still_refuses_a_non_finite_result_after_a_round_trip():
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
     randomize(model, "a")
     deltaw.merge(model, "a")
     deltaw.unmerge(model)
     with torch.no_grad():
-        model[0].base_layer.weight[0, 0] = float("inf")  # in place: bumps the version, so max|W0| is stale
+        model[0].base_layer.weight[0, 0] = float("inf")
     with pytest.raises(deltaw.NonFiniteError):
         deltaw.merge(model, "a")
     assert not deltaw.merged(model)
@@ -64,12 +64,9 @@ def test_load_reads_a_private_copy(tmp_path):
     deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
     randomize(model, "a")
     deltaw.save(model, tmp_path / "a", "a")
-    expected = {id(p): p.detach().clone() for p in deltaw.adapter_parameters(model, "a")}
     deltaw.load(model, tmp_path / "a", "b")
-    loaded = deltaw.adapter_parameters(model, "b")
-    for p, q in zip(deltaw.adapter_parameters(model, "a"), loaded):
+    for p, q in zip(deltaw.adapter_parameters(model, "a"), deltaw.adapter_parameters(model, "b")):
         assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # later edits of the file are not seen
     for p, q in zip(deltaw.adapter_parameters(model, "a"), deltaw.adapter_parameters(model, "b")):
         assert torch.equal(p, q)
-    assert expected

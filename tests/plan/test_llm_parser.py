@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,9 @@ def test_grounding() -> None:
     assert lp.ungrounded(ParsedScene(5, "musician", "jazz band"), "a jazz band of five") is None  # implied member
     assert lp.ungrounded(ParsedScene(6, "elf"), "half a dozen elves") is None
     assert lp.ungrounded(ParsedScene(1, "sunset"), "beautiful sunset over the sea") is not None
+    assert "noun" in lp.ungrounded(ParsedScene(3, "on a orchestra", "orchestra"), "an orchestra of 3 on a hill")
+    assert lp.ungrounded(ParsedScene(5, "player", "hockey team"), "a five-player hockey team") is None
+    assert lp.ungrounded(ParsedScene(2, "off-duty police officer"), "two off-duty police officers") is None
 
 
 def test_cache_key_tracks_settings(tmp_path, monkeypatch) -> None:
@@ -115,6 +119,13 @@ def test_cache_key_tracks_settings(tmp_path, monkeypatch) -> None:
     assert len({base.key(), SETTINGS.key(), lp.ParserTrainSettings(r=16).key()}) == 3
     with pytest.raises(PlanError):
         lp.ParserTrainSettings(steps=0)
+    # Temporary run folders of killed processes are removed; a live process's is left alone.
+    out = lp.adapter_cache_dir(base)
+    dead, alive = (out.parent / f".{out.name}.tmp-{pid}" for pid in (999_999_999, os.getpid()))
+    for d in (dead, alive):
+        d.mkdir(parents=True)
+    lp._remove_stale_runs(out)
+    assert not dead.exists() and alive.exists()
 
 
 def test_trains_on_first_use_then_decodes_exactly(trained, tiny) -> None:

@@ -30,6 +30,16 @@ def app() -> typer.Typer:
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _rule_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests are about the command, not the parser: without the learned parser registered, ``get_parser``
+    returns the rule parser, so a clean machine never trains the parser adapter here (test_llm_parser.py covers
+    the learned parser on a tiny model)."""
+    from deltaw.plan import PARSERS
+
+    monkeypatch.delitem(PARSERS, "llm", raising=False)
+
+
 def test_issue_command(app: typer.Typer, tmp_path) -> None:
     out = tmp_path / "team"
     result = runner.invoke(
