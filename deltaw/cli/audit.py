@@ -174,6 +174,18 @@ def train_debias_cmd(
     threads: int = typer.Option(0, help="torch CPU threads (0 = auto)."),
 ) -> None:
     """Train a debiasing adapter: KL(target ‖ p_attr) on train fillers x train templates + KL to base."""
+    run_train_debias(out, model=model, probe=probe, target=target, fillers=fillers, steps=steps, lr=lr, r=r,
+                     alpha=alpha, targets=targets, neutral_weight=neutral_weight, control_weight=control_weight,
+                     max_seconds=max_seconds, name=name, quick=quick, overwrite=overwrite, seed=seed, threads=threads)
+
+
+def run_train_debias(out: Path, *, model: str | None = None, probe: str | None = None, target: str | None = None,
+                     fillers: str | None = None, steps: int | None = None, lr: float | None = None,
+                     r: int | None = None, alpha: float | None = None, targets: str | None = None,
+                     neutral_weight: float | None = None, control_weight: float | None = None,
+                     max_seconds: float | None = None, name: str = "debias", quick: bool = False,
+                     overwrite: bool = False, seed: int = 0, threads: int = 0) -> None:
+    """The debias training job behind ``deltaw audit train-debias`` and ``deltaw train --objective balance``."""
     from deltaw.audit import train_debias
     from deltaw.audit.probe import ProbeError, load_probe
     from deltaw.errors import DeltawError

@@ -59,11 +59,11 @@ def train_cmd(
     model: str | None = typer.Option(None, help="Local transformers folder or .gguf; default: embedded SmolLM2 (causal-lm) / MiniLM (classification)."),
     task: str = typer.Option("causal-lm", help="causal-lm (next-token; prompt/response JSONL masks the prompt) or classification."),
     val_data: str | None = typer.Option(None, help="Validation data (default: BBC validation split / 10% of a local file)."),
-    targets: str = typer.Option("all-linear", help="Preset (all-linear, attention, qv, mlp), names 'q_proj,v_proj', or 're:<regex>'."),
+    targets: str | None = typer.Option(None, help="Preset (all-linear, attention, qv, mlp), names 'q_proj,v_proj', or 're:<regex>' (default all-linear; top:4 with --objective balance)."),
     r: int = typer.Option(8, "--r", "-r", help="LoRA rank."),
     alpha: float = typer.Option(16.0, help="LoRA alpha (scaling = alpha / r)."),
     dropout: float = typer.Option(0.0, help="LoRA dropout on the adapter input."),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (AdamW; default 1e-3, 2e-3 with --objective balance)."),
     schedule: str = typer.Option("cosine", help="cosine, linear or constant (after warmup)."),
     warmup_steps: int | None = typer.Option(None, help="Linear warmup steps (default 5% of the steps)."),
     steps: int | None = typer.Option(None, help="Optimizer steps (default: from --epochs)."),
@@ -88,14 +88,39 @@ def train_cmd(
     adapter_name: str = typer.Option("default", help="Adapter name inside the model."),
     max_train_examples: int | None = typer.Option(None, help="Use only the first N training examples."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    objective: str = typer.Option("lm", help="lm: the task's loss on --data; balance: pull a probe's attribute "
+                                             "distribution toward --target, with KL to the base on neutral text."),
+    probe: str | None = typer.Option(None, help="With --objective balance: probe name or JSON file (default "
+                                                "gender_occupation)."),
+    target: str | None = typer.Option(None, help="With --objective balance: 'uniform' (default) or JSON {value: prob}."),
 ) -> None:
-    """Train a LoRA adapter (causal LM or classification). Works under torchrun for data parallelism."""
+    """Train a LoRA adapter (causal LM or classification). Works under torchrun for data parallelism.
+
+    ``--objective balance`` trains a debiasing adapter instead (the same job as ``deltaw audit train-debias``):
+    options that only make sense for text data (--data, --task, --batch-size, ...) are then not used."""
     from ..train import TrainConfig, train
 
+    if objective == "balance":
+        from .audit import run_train_debias
+
+        if resume or task != "causal-lm":
+            typer.echo("error: --objective balance trains a causal LM from the start (no --resume, no "
+                       "classification)", err=True)
+            raise typer.Exit(2)
+        run_train_debias(output, model=model, probe=probe, target=target, steps=steps, lr=lr, r=r, alpha=alpha,
+                         targets=targets, seed=seed, overwrite=overwrite,
+                         name="debias" if adapter_name == "default" else adapter_name)
+        return
+    if objective != "lm":
+        typer.echo(f"error: unknown --objective {objective!r}; expected 'lm' or 'balance'", err=True)
+        raise typer.Exit(2)
+    if probe is not None or target is not None:
+        typer.echo("error: --probe and --target belong to --objective balance", err=True)
+        raise typer.Exit(2)
     with cli_errors():
         config = TrainConfig(
-            output_dir=str(output), task=task, model=model, data=data, val_data=val_data, targets=targets, r=r,
-            alpha=alpha, dropout=dropout, lr=lr, schedule=schedule, warmup_steps=warmup_steps, steps=steps,
+            output_dir=str(output), task=task, model=model, data=data, val_data=val_data,
+            targets=targets or "all-linear", r=r, alpha=alpha, dropout=dropout, lr=1e-3 if lr is None else lr, schedule=schedule, warmup_steps=warmup_steps, steps=steps,
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
             gradient_checkpointing=gradient_checkpointing, seed=seed, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm or None, eval_every=eval_every, eval_max_examples=eval_max_examples,

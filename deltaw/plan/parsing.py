@@ -179,9 +179,15 @@ _CONNECTORS = (  # between a collective and its count: "team of five", "team mad
     ("comprising",), ("of",), ("with",), ("featuring",), ("including",), ("that", "has"), ("that", "includes"),
 )
 _RELATIVE = (  # between the noun and the activity: "nurses who are smiling"
-    ("who", "are"), ("that", "are"), ("which", "are"), ("who", "were"), ("who're",), ("are",), ("is",), ("all",),
+    ("who", "are"), ("that", "are"), ("which", "are"), ("who", "were"), ("who", "is"), ("that", "is"), ("which", "is"),
+    ("who", "was"), ("who're",), ("are",), ("is",), ("all",),
     ("who",), ("that",), ("which",), ("while",), ("busy",),
 )
+_COMPOUND_HEADS = {  # nouns that an -ing word often modifies: "waiting room", "dining hall", "parking lot"
+    "alley", "area", "bag", "board", "booth", "cart", "class", "court", "field", "floor", "ground", "grounds", "hall",
+    "lane", "line", "lot", "machine", "pool", "range", "rink", "room", "ship", "shop", "space", "station", "table",
+    "track", "trail", "wall", "yard", "zone",
+}
 _NP_STOP = {
     ",", "all", "and", "are", "as", "both", "busy", "each", "for", "from", "is", "that", "together", "were", "which",
     "while", "who", "who're", "with",
@@ -454,7 +460,8 @@ class RuleParser:
             else:
                 found = _find_count(tokens)
                 if found is not None:
-                    setting_first, tokens = tokens[: found.start], tokens[found.start :]
+                    cut = self._setting_end(tokens[: found.start])
+                    setting_first, tokens = tokens[:cut], tokens[cut:]
             tokens = self._strip_leadins(" ".join(tokens)).split()
         parsed = self._parse_tokens(tokens, original=text)
         if setting_first:
@@ -463,12 +470,28 @@ class RuleParser:
         return parsed
 
     @staticmethod
+    def _setting_end(pre: list[str]) -> int:
+        """Where a leading setting without a comma ends, given the tokens before the count: before a lead-in
+        ("in a kitchen | we see three cooks") or before a collective ("on a court | a team of five players")."""
+        for j in range(2, len(pre)):
+            rest = " ".join(pre[j:]) + " "
+            if any(p.match(rest) for p in _LEADINS[:3]):
+                return j
+        for connector in _CONNECTORS:
+            n = len(connector)
+            if len(pre) > n and tuple(pre[-n:]) == connector:
+                articles = [i for i, t in enumerate(pre[:-n]) if t in ("a", "an", "the") and i >= 2]
+                return articles[-1] if articles else len(pre)
+        return len(pre)
+
+    @staticmethod
     def _normalise(text: str) -> str:
         text = text.lower()
         text = re.sub(r"[\u2010-\u2015\u2212]", "-", text)
         text = re.sub(r"[\u2018\u2019`]", "'", text)
         text = re.sub(r"[\"\u201c\u201d()\[\]{}]", " ", text)
-        text = re.sub(r"[.!?;:]+(\s|$)", r" \1", text)
+        text = re.sub(r"[.!?]+(\s|$)", r" \1", text)
+        text = re.sub(r"\s*[;:]+(\s|$)", r", \1", text)  # "at a concert: two boys; dancing" -- clause breaks
         return " ".join(text.split())
 
     @staticmethod
@@ -587,6 +610,14 @@ class RuleParser:
         if split is None:
             return _join(rest), None
         activity, setting = rest[:split], rest[split:]
+        # "on a city street eating lunch": an activity after the setting, with no comma. Not "in a hospital
+        # waiting room" (an -ing word that starts a compound noun) and not the setting's own first words.
+        if not activity and "," not in setting:
+            for i in range(3, len(setting)):
+                after = setting[i + 1] if i + 1 < len(setting) else ""
+                if after not in _COMPOUND_HEADS and _is_ing_verb(setting[i], after, setting[i - 1]):
+                    activity, setting = setting[i:], setting[:i]
+                    break
         # "in a hospital, smiling": an activity after the setting, set off by a comma
         if "," in setting:
             cut = setting.index(",")

@@ -136,3 +136,24 @@ def test_cli_sampled_mode_with_attribute_function(tmp_path):
     saved = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert saved["rows"]["adapter"]["mode"] == "sampled"
     assert saved["removed_equals_base"] is True
+
+
+def test_train_command_with_balance_objective(tmp_path):
+    """`deltaw train --objective balance` is the debias job: same adapter format, debias.json with before/after."""
+    from typer.testing import CliRunner
+
+    from deltaw.cli.main import app
+
+    folder = save_tiny(tmp_path / "tiny")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--objective", "balance", "--model", str(folder), "--output",
+                              str(tmp_path / "fix"), "--targets", "top:1", "--steps", "3", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "fix" / "adapter_config.json").is_file()
+    report = json.loads((tmp_path / "fix" / "debias.json").read_text())
+    assert report["steps"] == 3 and set(report["before"]) >= {"train", "heldout"}
+    res = runner.invoke(app, ["train", "--objective", "fairness", "--output", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "unknown --objective 'fairness'" in res.output
+    res = runner.invoke(app, ["train", "--probe", "gender_occupation", "--output", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "--objective balance" in res.output
+    assert not (tmp_path / "x").exists()

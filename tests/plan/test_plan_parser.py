@@ -51,6 +51,17 @@ P = RuleParser()
         ("three nurses and a doctor in a hospital", (3, "nurse", None, None, "in a hospital")),
         ("five artists painting a mural", (5, "artist", None, "painting a mural", None)),
         ("a crowd of about forty fans cheering at a stadium", (40, "fan", "crowd", "cheering", "at a stadium")),
+        # Fixed after they failed (found when the grammar's train split grew): a singular relative clause,
+        # clause breaks with ':' / ';', a lead-in or a collective after a comma-less leading setting, and an
+        # activity after the setting with no comma -- while "waiting room" stays one setting.
+        ("a boy who is talking", (1, "boy", None, "talking", None)),
+        ("At a concert: a happy boy walking", (1, "happy boy", None, "walking", "at a concert")),
+        ("29 musicians; waiting; at the beach", (29, "musician", None, "waiting", "at the beach")),
+        ("In a kitchen we see a crowd of 3 cooks", (3, "cook", "crowd", None, "in a kitchen")),
+        ("On a court a volleyball team of six players", (6, "player", "volleyball team", None, "on a court")),
+        ("7 runners on a city street eating lunch", (7, "runner", None, "eating lunch", "on a city street")),
+        ("two nurses in a hospital waiting room", (2, "nurse", None, None, "in a hospital waiting room")),
+        ("four kids in the rain laughing", (4, "kid", None, "laughing", "in the rain")),
     ],
 )
 def test_rule_parser_cases(text: str, expected: tuple) -> None:
@@ -172,7 +183,9 @@ def test_rule_parser_accuracy_on_held_out_set() -> None:
 
 
 def test_rule_parser_accuracy_on_train_set() -> None:
-    assert evaluate_parser(RuleParser(), generate_examples(1000, seed=1, split="train")) >= 0.95
+    report = evaluate_parser_report(RuleParser(), generate_examples(2000, seed=1, split="train"))
+    assert report.accuracy >= 0.95, report.failures[:10]
+    assert min(report.per_template.values()) >= 0.9, report.per_template
 
 
 class _Oracle:
