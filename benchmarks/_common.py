@@ -283,8 +283,20 @@ def standalone(module) -> None:
         result = module.run(env)
     finally:
         env.close()
-    from run_all import render  # noqa: PLC0415 - sibling script
-    print(render([(result, module.TARGET)]))
+    print(_run_all().render([(result, module.TARGET)]))
+
+
+def _run_all():
+    """The sibling ``run_all`` script as a module (it has no .py suffix, so ``import`` cannot find it)."""
+    import importlib.machinery
+    import importlib.util
+    from pathlib import Path
+
+    loader = importlib.machinery.SourceFileLoader("run_all", str(Path(__file__).with_name("run_all")))
+    spec = importlib.util.spec_from_loader("run_all", loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
 
 
 def decode_result(env: Env, measure: str, batch: int, rows: list[str] | None, note: str = "") -> Result:
