@@ -66,7 +66,12 @@ def evaluate(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     parser.prefetch(e.text for e in examples)
     decode_s = time.perf_counter() - start
+    greedy = lp.LlmParser(parser.model, parser.tokenizer, fallback=None, retry_beams=0)  # no beam retry
+    greedy._memo = parser._memo
+    greedy_report = evaluate_parser_report(greedy, examples, keep_failures=0)
+    start = time.perf_counter()
     raw = evaluate_parser_report(parser, examples, keep_failures=args.failures)
+    retry_s = time.perf_counter() - start
     piped = lp.LlmParser(parser.model, parser.tokenizer)  # same answers, rule-parser fallback on
     piped._memo = parser._memo
     logging.getLogger(lp.__name__).setLevel(logging.ERROR)
@@ -78,7 +83,10 @@ def evaluate(args: argparse.Namespace) -> dict:
     lines += [f"held-out split, seed {args.seed}: load {load_s:.1f} s, batched greedy decoding {decode_s:.1f} s "
               f"({decode_s / len(examples) * 1000:.0f} ms/request, batch {args.batch_size}, {torch.get_num_threads()} "
               "thread(s))"]
-    lines += report_lines("LLM parser, no fallback", raw)
+    lines += report_lines("LLM parser, greedy only", greedy_report)
+    lines += report_lines("LLM parser, no fallback (greedy, then the first grounded of 4 beams)", raw)
+    lines.append(f"  beam retry for {parser.retries} of {len(examples)} requests, usable for {parser.rescued} "
+                 f"({retry_s:.1f} s)")
     lines += report_lines("LLM parser + rule fallback", with_fallback)
     lines.append(f"  fallback used for {piped.fallbacks} of {len(examples)} requests")
     lines.append(f"rule parser (--no-llm): {rules.accuracy:.2%}")
@@ -87,7 +95,8 @@ def evaluate(args: argparse.Namespace) -> dict:
         lines += [f"  {t} | {e} | {g}" for t, e, g in raw.failures]
     print("\n".join(lines))
     return {"adapter": str(adapter), "settings": info.get("settings"), "train_seconds": info.get("train_seconds"),
-            "n": len(examples), "seed": args.seed, "decode_seconds": decode_s, "raw": raw.to_dict(),
+            "n": len(examples), "seed": args.seed, "decode_seconds": decode_s, "greedy": greedy_report.to_dict(),
+            "raw": raw.to_dict(), "retries": parser.retries, "rescued": parser.rescued,
             "with_fallback": with_fallback.to_dict(), "fallbacks": piped.fallbacks, "rules": rules.accuracy}
 
 

@@ -237,3 +237,41 @@ def test_smollm2_token_budget_and_decoding() -> None:
     parser.prefetch(texts)
     assert all(isinstance(parser.completion(t), str) for t in texts)
     assert parser.parse(texts[0]).count == 3  # the model's own answer or, if unusable, the rule parser's
+
+
+def test_unusable_greedy_answer_is_retried_with_beams(tiny, monkeypatch) -> None:
+    """An ungrounded greedy answer is replaced by the first grounded beam; only if none is grounded does the
+    fallback (here: none, so an error) answer."""
+    tok, make, _ = tiny
+    parser = lp.LlmParser(make(), tok, fallback=None, retry_beams=3)
+    parser._memo["two nurses"] = '{"count":3,"noun":"nurse"}'  # greedy: a count the text cannot express
+    beams = ['{"count":3,"noun":"nurse"}', '{"count":2,"noun":"nurse"}', '{"count":2,"noun":"doctor"}']
+    seen: list[tuple[list[str], int]] = []
+
+    def fake_generate(texts: list[str], beams: int = 1) -> list[list[str]]:
+        seen.append((list(texts), beams))
+        return [list(candidates)]
+
+    candidates = beams
+    monkeypatch.setattr(parser, "generate", fake_generate)
+    assert parser.parse("two nurses") == ParsedScene(2, "nurse")
+    assert seen == [(["two nurses"], 3)] and (parser.retries, parser.rescued) == (1, 1)
+    beams[:] = ['{"count":3,"noun":"nurse"}', '{"count":2,"noun":"doctor"}']  # no grounded beam
+    with pytest.raises(PlanError, match="learned parser failed"):
+        parser.parse("two nurses")
+    assert (parser.retries, parser.rescued) == (2, 1)
+    plain = lp.LlmParser(parser.model, tok, fallback=None, retry_beams=0)  # retry off: greedy only
+    plain._memo["two nurses"] = parser._memo["two nurses"]
+    with pytest.raises(PlanError):
+        plain.parse("two nurses")
+    assert plain.retries == 0
+
+
+def test_beam_generation_returns_each_texts_beams(tiny) -> None:
+    """The real beam path: ``beams`` completions per text, in the texts' order (rows are regrouped per text)."""
+    tok, make, _ = tiny
+    parser = lp.LlmParser(make(), tok, fallback=None, max_new_tokens=4)
+    out = parser.generate(["two nurses", "a team of five players in a park"], beams=3)
+    assert len(out) == 2 and all(len(b) == 3 and all(isinstance(c, str) for c in b) for b in out)
+    greedy = parser.generate(["two nurses", "a team of five players in a park"])
+    assert len(greedy) == 2 and all(isinstance(c, str) for c in greedy)
