@@ -76,7 +76,7 @@ def demo_cmd(
     beats = adapter < base
     same = math.isclose(adapter, merged, rel_tol=MERGE_TOLERANCE)
     typer.echo(f"adapter beats base on held-out {topic} articles: {'yes' if beats else 'NO'} "
-               f"({base:.3f} -> {adapter:.3f}, {100 * (base - adapter) / base:+.1f}%)")
+               f"({base:.3f} -> {adapter:.3f}, {100 * (adapter - base) / base:+.1f}% perplexity)")
     typer.echo(f"merged equals adapter: {'yes' if same else 'NO'} (relative difference "
                f"{abs(merged - adapter) / adapter:.1e}, tolerance {MERGE_TOLERANCE:g})")
     typer.echo(f"adapter written to: {result.adapter_dir.resolve()}")
