@@ -117,10 +117,11 @@ def train_cmd(
     if probe is not None or target is not None:
         typer.echo("error: --probe and --target belong to --objective balance", err=True)
         raise typer.Exit(2)
+    defaults_overridden = {k: v for k, v in (("targets", targets), ("lr", lr)) if v is not None}  # else TrainConfig's
     with cli_errors():
         config = TrainConfig(
-            output_dir=str(output), task=task, model=model, data=data, val_data=val_data,
-            targets=targets or "all-linear", r=r, alpha=alpha, dropout=dropout, lr=1e-3 if lr is None else lr, schedule=schedule, warmup_steps=warmup_steps, steps=steps,
+            output_dir=str(output), task=task, model=model, data=data, val_data=val_data, r=r, alpha=alpha,
+            dropout=dropout, schedule=schedule, warmup_steps=warmup_steps, steps=steps, **defaults_overridden,
             epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len,
             gradient_checkpointing=gradient_checkpointing, seed=seed, weight_decay=weight_decay,
             max_grad_norm=max_grad_norm or None, eval_every=eval_every, eval_max_examples=eval_max_examples,

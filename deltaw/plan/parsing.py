@@ -418,6 +418,10 @@ _LEADINS = (
 )
 
 
+_CLAUSE_LEADINS = 3  # the first three _LEADINS ("draw", "i want", "we see" ...) can follow a leading setting;
+# the media one ("a photo of") cannot
+
+
 class RuleParser:
     """Deterministic parser for scene requests (``--no-llm``).
 
@@ -475,7 +479,7 @@ class RuleParser:
         ("in a kitchen | we see three cooks") or before a collective ("on a court | a team of five players")."""
         for j in range(2, len(pre)):
             rest = " ".join(pre[j:]) + " "
-            if any(p.match(rest) for p in _LEADINS[:3]):
+            if any(p.match(rest) for p in _LEADINS[:_CLAUSE_LEADINS]):
                 return j
         for connector in _CONNECTORS:
             n = len(connector)
