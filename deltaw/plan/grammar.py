@@ -173,7 +173,8 @@ _ACTIVITIES_TRAIN = (
     "playing", "playing basketball", "dancing", "laughing", "walking", "running", "talking", "cooking dinner",
     "reading books", "singing", "working", "waiting", "cheering", "marching", "posing for a photo", "eating lunch",
     "smiling", "holding umbrellas", "wearing scrubs", "studying", "practicing", "celebrating a victory",
-    "drinking coffee", "chatting", "waving",
+    "drinking coffee", "chatting", "waving", "talking to each other", "listening to a speech", "waiting for a bus",
+    "looking for a ball", "writing letters", "throwing a frisbee", "riding bicycles", "pointing to the sky",
 )
 _ACTIVITIES_HELDOUT = (
     "taking a selfie", "carrying backpacks", "stretching", "painting a mural", "drawing pictures", "shaking hands",
@@ -184,6 +185,8 @@ _SETTINGS_TRAIN = (
     "at a train station", "in an office", "on a snowy mountain", "in a classroom", "at a wedding", "in a forest",
     "on a city street", "in a library", "at a cafe", "in the rain", "on a football field", "in a busy market",
     "in a laboratory", "in a garden", "on a rooftop", "inside a museum", "near a lake", "at a concert",
+    "in a dining hall", "in a parking lot", "at a bus stop", "in a living room", "at a swimming pool",
+    "in a shopping mall", "outside a bakery", "beside a fountain", "under a tree",
 )
 _SETTINGS_HELDOUT = (
     "under a bridge", "at a construction site", "beside a river", "in a hospital waiting room", "outside a school",
