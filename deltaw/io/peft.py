@@ -392,10 +392,6 @@ def _current_weights(model: nn.Module, modules: list[str]) -> dict[str, torch.Te
     return weights
 
 
-def _current_fingerprint(model: nn.Module, modules: list[str]) -> dict:
-    return fp.fingerprint(_current_weights(model, modules))
-
-
 def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
          activate: bool = True, allow_base_mismatch: bool = False) -> AdapterInfo:
     """Load a PEFT-format adapter as ``name``. All checks run before the model is touched; on any error the
