@@ -7,7 +7,7 @@ it. Every verb checks everything it can before touching the model, so a refused 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
+from .layers.hostmem import empty_many
 from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
 
@@ -39,19 +40,20 @@ def adapters(model: nn.Module) -> list[str]:
 
 # ---- target resolution ---------------------------------------------------------------------------------
 def _candidates(model: nn.Module, named: Sequence[tuple[str, nn.Module]] | None = None,
-                ) -> Iterator[tuple[str, nn.Module]]:
+                where: Callable[[str], bool] | None = None) -> Iterator[tuple[str, nn.Module]]:
     """(path, base module) for every module that could be adapted; wrappers report their base layer.
-    ``named``: ``list(model.named_modules())`` when the caller already walked the tree."""
+    ``named``: ``list(model.named_modules())`` when the caller already walked the tree; ``where``: a path
+    filter, applied before the (slower) type check."""
     skip = None  # named_modules is pre-order: a wrapper's descendants directly follow it, so one prefix suffices
     for path, module in (named if named is not None else model.named_modules()):
         if skip is not None and path.startswith(skip):
             continue
         if isinstance(module, (LoraLayer, ModulesToSave)):
             skip = path + "."
-            if isinstance(module, LoraLayer):
+            if isinstance(module, LoraLayer) and (where is None or where(path)):
                 yield path, module.base_layer
             continue
-        if path and layer_class_for(module) is not None:
+        if path and (where is None or where(path)) and layer_class_for(module) is not None:
             yield path, module
 
 
@@ -147,10 +149,19 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
     """
     config = config if config is not None else LoraConfig()
     check_name(name)
+    return _attach_to(model, config, name, None, trainable, activate, factors)
+
+
+def _attach_to(model: nn.Module, config: LoraConfig, name: str, targets: list[tuple[str, nn.Module]] | None,
+               trainable: bool, activate: bool,
+               factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None) -> AdapterInfo:
+    """``attach`` onto ``targets`` (path, base module) when the caller already resolved and checked them
+    (``io.load`` does, against the file); else onto ``resolve_targets(model, config)``."""
     st = model.__dict__.get(_STATE_ATTR) or AdapterState()
     if name in st.adapters:
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
-    targets = resolve_targets(model, config)
+    if targets is None:
+        targets = resolve_targets(model, config)
     # Tied weights matter only for layers wrapped now (loading onto existing wrappers skips the walk).
     tied = _tied_names(model) if any(p not in st.layers for p, _ in targets) else {}
 
@@ -187,7 +198,7 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
                 _set_submodule(model, path, layer)
                 st.layers[path] = layer
             layer.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
-                              factors.get(path) if factors is not None else None)
+                              factors.get(path) if factors is not None else None, trainable)
             done.append((path, layer, is_new))
         for path in saved_paths:
             wrapper = st.saved_modules.get(path)
@@ -214,8 +225,9 @@ def attach(model: nn.Module, config: LoraConfig | None = None, name: str = "defa
         raise
     info = AdapterInfo(name=name, config=config, modules=tuple(p for p, _, _ in plan), metadata={})
     st.adapters[name] = info
-    for p in adapter_parameters(model, name):
-        p.requires_grad_(trainable)
+    for _, wrapper, _ in saved_done:  # the LoRA factors were created with requires_grad=trainable
+        for p in wrapper.modules_to_save[name].parameters():
+            p.requires_grad_(trainable)
     if activate and not st.active:
         st.set_active(((name, 1.0),))
     return info
@@ -323,11 +335,24 @@ def using(model: nn.Module, spec: AdapterSpec) -> Iterator[None]:
 # ---- merge ---------------------------------------------------------------------------------------------
 def _apply_merged(st: AdapterState, target: Weighted) -> None:
     """Make the base weights equal W0 + Σ_target wᵢ·sᵢ·ΔWᵢ, all-or-nothing."""
-    touched = {p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules}
-    new_weights = {path: st.layers[path].merged_weight(target) for path in sorted(touched)}  # may raise: no change yet
+    touched = sorted({p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules})
+    outs = _merge_buffers([st.layers[p].merge_target(target) for p in touched])
+    new_weights = {path: st.layers[path].merged_weight(target, out) for path, out in zip(touched, outs)}  # may raise
     for path, weight in new_weights.items():
         st.layers[path].set_merged(weight)
     st.set_merged(target)
+
+
+def _merge_buffers(w0s: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Output buffers for the merged weights: on CPU, contiguous fp32 ones share one huge-page mapping
+    (``layers.hostmem``: page faults were most of the merge time); None means "allocate as usual"."""
+    pick = [i for i, w in enumerate(w0s)
+            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()]
+    carved = empty_many([w0s[i].shape for i in pick], torch.float32) or []
+    outs: list[torch.Tensor | None] = [None] * len(w0s)
+    for i, t in zip(pick, carved):
+        outs[i] = t
+    return outs
 
 
 def merge(model: nn.Module, spec: AdapterSpec = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import weakref
 
 import torch
 
@@ -71,7 +72,30 @@ def same_base_quick(saved: dict, weights: dict[str, torch.Tensor]) -> bool:
         w = weights.get(path)
         if w is not None and list(w.shape) != list(shape):
             return False
-    return _digest(*_sampled(weights)) == saved["sha256"]
+    return _cached_digest(weights) == saved["sha256"]
+
+
+#: paths -> (per weight: a weak reference, its version counter and data pointer; the digest they gave).
+_DIGESTS: dict[tuple[str, ...], tuple[list[tuple[weakref.ref, int, int]], str]] = {}
+
+
+def _cached_digest(weights: dict[str, torch.Tensor]) -> str:
+    """``_digest`` of ``weights``, remembered while the very same tensors stay unmodified (same objects, same
+    version counters, same data): loading many adapters onto one base hashes its samples once."""
+    paths = tuple(sorted(weights))
+    try:
+        stamp = [(weights[p], weights[p]._version, weights[p].data_ptr()) for p in paths]
+    except RuntimeError:  # inference-mode tensors keep no version counter
+        return _digest(*_sampled(weights))
+    hit = _DIGESTS.get(paths)
+    if hit is not None and all(ref() is w and v == ver and ptr == p
+                               for (ref, v, ptr), (w, ver, p) in zip(hit[0], stamp)):
+        return hit[1]
+    digest = _digest(*_sampled(weights))
+    if len(_DIGESTS) >= 16:
+        _DIGESTS.pop(next(iter(_DIGESTS)))
+    _DIGESTS[paths] = ([(weakref.ref(w), v, p) for w, v, p in stamp], digest)
+    return digest
 
 
 def compare(saved: dict, current: dict) -> str | None:

@@ -12,6 +12,7 @@ touched, so a failed load leaves it exactly as it was. Only safetensors is read:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from .. import api
 from ..config import LoraConfig
 from ..errors import AdapterFormatError, AdapterNameError, BaseModelMismatchError, NonFiniteError, TargetError
 from ..layers import LoraEmbedding, layer_class_for
+from ..layers.hostmem import empty_many
 from ..layers.linear import LoraConv1D
 from ..registry import AdapterInfo, check_name
 from . import fingerprints as fp
@@ -142,10 +144,13 @@ _ST_DTYPES = {"F64": (torch.float64, 8), "F32": (torch.float32, 4), "F16": (torc
               "I16": (torch.int16, 2), "I8": (torch.int8, 1), "U8": (torch.uint8, 1), "BOOL": (torch.bool, 1)}
 
 
-def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor], list[torch.Tensor]] | None:
     """The whole file in one read into one private buffer, tensors as views of it (no per-tensor copy: a 20 MB
     adapter loads in a few ms). Returns None on anything unusual -- the strict ``safe_open`` path then reads
-    the file and reports what is wrong. Layout: u64 header size, JSON {name: {dtype, shape, data_offsets}}."""
+    the file and reports what is wrong. Layout: u64 header size, JSON {name: {dtype, shape, data_offsets}}.
+
+    Also returns the blocks every tensor is a part of (the buffer seen as each dtype it holds, plus copied
+    misaligned tensors), so finiteness can be checked in one pass per dtype."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -156,7 +161,9 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] |
             if n <= 0 or 8 + n > size:
                 return None
             header = json.loads(f.read(n))
-            buf = torch.empty(size - 8 - n, dtype=torch.uint8)  # (bytes,)
+            # Huge-page-backed where Linux allows (``layers.hostmem``): first-touch page faults on a fresh
+            # 20 MB buffer cost more than copying the file out of the page cache.
+            buf = (empty_many([(size - 8 - n,)], torch.uint8) or [torch.empty(size - 8 - n, dtype=torch.uint8)])[0]
             if f.readinto(memoryview(buf.numpy())) != buf.numel():
                 return None
     except (OSError, ValueError):
@@ -168,6 +175,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] |
         return None
     tensors: dict[str, torch.Tensor] = {}
     views: dict[torch.dtype, torch.Tensor] = {}
+    copies: list[torch.Tensor] = []
     total = buf.numel()
     for key, info in header.items():
         try:
@@ -186,6 +194,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] |
             return None
         if begin % item:  # misaligned for a view: copy this one
             tensors[key] = buf[begin:end].clone().view(dtype).view(shape)
+            copies.append(tensors[key])
             continue
         typed = views.get(dtype)
         if typed is None:
@@ -194,7 +203,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor]] |
         for i in range(len(shape) - 2, -1, -1):
             strides[i] = strides[i + 1] * shape[i + 1]
         tensors[key] = typed.as_strided(shape, strides, begin // item)  # one op per tensor
-    return meta, tensors
+    return meta, tensors, [*views.values(), *copies]
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -276,12 +285,13 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
         raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}{hint}")
     fast = _read_safetensors_fast(weights)
     if fast is not None:
-        header, tensors = fast
+        header, tensors, blocks = fast
     else:
         try:
             with safe_open(str(weights), framework="pt", device="cpu") as f:
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+            blocks = list(tensors.values())
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers and data
             raise AdapterFormatError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
     try:
@@ -313,7 +323,9 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
         raise AdapterFormatError(f"{weights}: missing lora_A or lora_B for modules {incomplete[:5]}")
     if not factors:
         raise AdapterFormatError(f"{weights}: holds no LoRA factors")
-    if not _all_finite([entry[w] for entry in factors.values() for w in ("A", "B")]):
+    # Every tensor lies inside one of ``blocks``: all finite there means all finite here (bytes between
+    # tensors that happen to read as NaN only send us to the exact per-tensor check).
+    if not (_all_finite(blocks) or _all_finite([entry[w] for entry in factors.values() for w in ("A", "B")])):
         for module, entry in factors.items():
             for which in ("A", "B"):
                 if not torch.isfinite(entry[which]).all():
@@ -334,17 +346,21 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
 
 
 # ---- load ----------------------------------------------------------------------------------------------
-def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> None:
-    """Every module the file names exists, has a supported type, and fits the factor shapes."""
+def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> list[tuple[str, nn.Module]]:
+    """Every module the file names exists, has a supported type, and fits the factor shapes. Returns the
+    (path, base module) targets."""
     named = list(model.named_modules())  # one walk, shared with the candidate scan below
     modules = dict(named)
     st = model.__dict__.get(api._STATE_ATTR)
+    targets: list[tuple[str, nn.Module]] = []
+    layers = st.layers if st is not None else {}
     for path, entry in adapter.factors.items():
-        layer = st.layers.get(path) if st is not None else None
+        layer = layers.get(path)
         base = layer.base_layer if layer is not None else modules.get(path)
+        targets.append((path, base))
         if base is None:
             raise TargetError(f"adapter {name!r}: module {path!r} does not exist in this model (wrong base model?)")
-        cls = layer_class_for(base)
+        cls = type(layer) if layer is not None else layer_class_for(base)
         if cls is None:
             raise TargetError(f"adapter {name!r}: module {path!r} is a {type(base).__name__}, which LoRA cannot adapt")
         if (entry["kind"] == "embedding") != (cls is LoraEmbedding):
@@ -363,8 +379,8 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> N
         exclude = adapter.peft.get("exclude_modules") or ()
         exclude = exclude if isinstance(exclude, str) else tuple(exclude)
         keep = set(adapter.peft.get("modules_to_save") or ())
-        wanted = {p for p, m in api._candidates(model, named) if api._matches(spec, p)
-                  and not (exclude and api._matches(exclude, p)) and not api._matches(tuple(keep), p)}
+        wanted = {p for p, m in api._candidates(model, named, where=functools.partial(api._matches, spec))
+                  if not (exclude and api._matches(exclude, p)) and not api._matches(tuple(keep), p)}
         missing = sorted(wanted - set(adapter.factors))
         if missing:
             raise AdapterFormatError(f"adapter {name!r}: the config targets {len(missing)} module(s) with no weights "
@@ -381,6 +397,8 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> N
             if tuple(current[k].shape) != tuple(t.shape):
                 raise AdapterFormatError(f"adapter {name!r}: saved module {path!r}.{k} has shape {tuple(t.shape)}, "
                                          f"model has {tuple(current[k].shape)}")
+    order = {path: i for i, (path, _) in enumerate(named)}
+    return sorted(targets, key=lambda t: order[t[0]])  # model order, as resolve_targets gives
 
 
 def _current_weights(model: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
@@ -400,7 +418,7 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, tr
     if name in api.adapters(model):
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     adapter = read_adapter(path, name)
-    _check_against_model(model, adapter, name)
+    targets = _check_against_model(model, adapter, name)
     saved_fp = adapter.deltaw_meta.get("fingerprint")
     if saved_fp:
         weights = _current_weights(model, sorted(adapter.factors))
@@ -412,8 +430,8 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, tr
                     "Pass allow_base_mismatch=True (CLI: --allow-base-mismatch) to load it anyway")
             log.warning("loading adapter %r onto a different base model: %s", name, why)
     # The factors become the parameters directly (no random init, no second copy).
-    info = api.attach(model, adapter.config, name, trainable=trainable, activate=False,
-                      factors={m: (e["A"], e["B"]) for m, e in adapter.factors.items()})
+    info = api._attach_to(model, adapter.config, name, targets, trainable, False,
+                          {m: (e["A"], e["B"]) for m, e in adapter.factors.items()})
     try:
         st = api.state(model)
         with torch.no_grad():

@@ -19,11 +19,21 @@ of generated pairs), the prompt format and the training settings: a grammar chan
 stale one. :class:`LlmParser` with no adapter given uses, in order: ``$DELTAW_PLAN_PARSER_ADAPTER``, the
 cached adapter, or trains the cached adapter now (logged, once; ~15 min on 2 idle CPU cores, 5.2 s per step).
 
+Snapping. Before any check, code -- not the model -- settles the form of the answer's spans against the
+request's own words (:func:`canonical`): the noun's head goes to the singular of the word the text uses
+("mechanics" -> "mechanic"), a noun that names the group itself ("a class of four": noun "class") or is absent
+from the text becomes the collective's implied member, and a setting the model cut short is widened to its
+preposition and the end of its phrase ("waiting room" -> "in a hospital waiting room"). The model decides what
+the scene holds; the code decides how it is spelled.
+
 Invalid output. The model's answer is rejected when it holds no JSON object, fails :class:`ParsedScene`'s
 validation, or is not *grounded* in the request: the count must be one the text can express (digits, number
 words, dozen/pair/trio forms, an article for one), ``scene``, ``activity`` and ``setting`` must occur in the
 text, and the noun must too (up to plural/singular), unless it is the implied member of the scene's collective
-("a jazz band of five" -> "musician"). A rejected answer falls back to the rule parser with a logged warning
+("a jazz band of five" -> "musician"). A rejected greedy answer is retried with beam search; if no beam is
+grounded either, the first answer that is grounded once its unsupported optional fields (scene, activity,
+setting) are dropped is taken ("a picture showing six hikers" -> a hallucinated "in a picture" goes). Only then
+does the parser fall back to the rule parser with a logged warning
 (``fallback=None`` raises :class:`PlanError` instead). Why fall back: the rule parser is exact on every form
 the grammar produces, and a hallucinated count ("a beautiful sunset" -> 1 sunset) would silently plan the wrong
 scene; with the fallback, text with nothing countable still gets the rule parser's clear error.
@@ -55,8 +65,11 @@ from deltaw.plan.parsing import (
     MEMBER_OF,
     ParsedScene,
     Parser,
+    SETTING_PREPS,
     RuleParser,
+    _COMPOUND_HEADS,
     _find_count,
+    _NP_STOP,
     pluralize,
     singularize,
 )
@@ -131,6 +144,133 @@ def _noun_in_text(noun: str, words: list[str]) -> bool:
         if tokens[i - len(mods) : i] == mods and (tokens[i] in heads or singularize(tokens[i]) == head):
             return True
     return False
+
+
+def _clauses(text: str) -> list[str]:
+    """``_words`` with commas, semicolons and colons kept as tokens: they end a phrase."""
+    return re.sub(r"[.!?\"()]", " ", re.sub(r"([,;:])", r" \1 ", normalize_request(text))).split()
+
+
+def _span(phrase: str | None, words: list[str], avoid: tuple[tuple[int, int] | None, ...] = ()
+          ) -> tuple[int, int] | None:
+    """Where ``phrase`` occurs in ``words`` as a run of whole words, as [start, end): the first occurrence
+    that overlaps none of the ``avoid`` spans, else the first one."""
+    want = _words(phrase) if phrase else []
+    found = [(i, i + len(want)) for i in range(len(words) - len(want) + 1 if want else 0)
+             if words[i : i + len(want)] == want]
+    free = [f for f in found if not any(a and f[0] < a[1] and a[0] < f[1] for a in avoid)]
+    return (free or found or [None])[0]
+
+
+def _activity_span(activity: str | None, words: list[str], avoid: tuple[tuple[int, int] | None, ...]
+                   ) -> tuple[int, int] | None:
+    """The activity's span, preferring an occurrence outside ``avoid`` and not the -ing word of a compound
+    noun ("waiting" in "waiting room")."""
+    compounds = tuple((i, i + 1) for i in range(len(words) - 1)
+                      if words[i].endswith("ing") and words[i + 1] in _COMPOUND_HEADS)
+    return _span(activity, words, avoid + compounds)
+
+
+def _noun_head(noun: str, words: list[str]) -> int | None:
+    """The index of the noun's head word in ``words`` (in either number), after its modifiers."""
+    *mods, head = noun.split()
+    for i in range(len(mods), len(words)):
+        t = words[i]
+        if words[i - len(mods) : i] == mods and (t in (head, pluralize(head)) or singularize(t) == head):
+            return i
+    return None
+
+
+def _noun_span(noun: str, words: list[str]) -> tuple[int, int] | None:
+    i = _noun_head(noun, words)
+    return None if i is None else (i - len(noun.split()) + 1, i + 1)
+
+
+def _snap_noun(noun: str, words: list[str]) -> str:
+    """The noun with its head word in the singular of the form the text uses ("mechanics" -> "mechanic",
+    "elve" -> "elf"): the model copies the text's word, the code decides its number."""
+    i = _noun_head(noun, words)
+    if i is None or "-" in noun.split()[-1]:
+        return noun
+    one = singularize(words[i])
+    return " ".join([*noun.split()[:-1], one if pluralize(one) == words[i] else words[i]])
+
+
+def _snap_setting(parse: ParsedScene, words: list[str]) -> str | None:
+    """A setting cut short, widened to its whole phrase in the text: back to the preposition that opens it
+    ("waiting room" -> "in a hospital waiting room") and on over trailing words no other field holds and no
+    preposition or clause word starts ("in a hospital" -> "in a hospital waiting room")."""
+    scene = _span(parse.scene, words)
+    span, head = _span(parse.setting, words, (scene,)), _noun_head(parse.noun, words)
+    if head is None and scene is not None:  # "a platoon of 47 under a bridge": the group stands for the noun
+        head = scene[1] - 1
+    if span is None or head is None or span[0] <= head:  # only a setting after the noun is widened
+        return parse.setting
+    activity = _activity_span(parse.activity, words, (scene, span, _noun_span(parse.noun, words)))
+    taken = {i for sp in (activity, scene) if sp for i in range(*sp)}
+    start, end = span
+    if words[start] not in SETTING_PREPS:
+        back = next((k for k in range(start - 1, max(start - 4, -1), -1) if words[k] in SETTING_PREPS), None)
+        if back is not None and back > head and not taken & set(range(back, start)):
+            start = back
+    while end < len(words) and end not in taken and words[end] not in _NP_STOP:
+        end += 1
+    if end < len(words) and end not in taken and words[end] not in ",;:":  # stopped at a preposition or a
+        # clause word, not at a phrase end: keep the model's end
+        end = span[1]
+    return " ".join(words[start:end])
+
+
+def _resembling_word(noun: str, words: list[str]) -> str | None:
+    """The text's word sharing the longest start (>= 4 letters) with the noun's head, in the singular:
+    "grandfather" for a text that says "grandparents" -> "grandparent"."""
+    head = noun.split()[-1]
+
+    def shared(w: str) -> int:
+        return next((i for i, (x, y) in enumerate(zip(head, w)) if x != y), min(len(head), len(w)))
+
+    best = max(words, key=shared, default="")
+    return singularize(best) if best and shared(best) >= 4 else None
+
+
+def canonical(parse: ParsedScene, text: str) -> ParsedScene:
+    """The model's parse with its spans snapped to the request's words -- form is decided by code, content by
+    the model. Fields are disjoint spans of the text, and:
+
+    * the noun's head is the singular of the word the text uses ("mechanics" -> "mechanic");
+    * a noun that names a group ("jazz band") is the scene, and the noun is the group's implied member
+      (``MEMBER_OF``); so is a noun absent from the text when the scene is a known collective;
+    * another noun absent from the text is the text's word it resembles ("grandfather" -> "grandparent");
+    * an activity inside the scene's span ("marching" in "marching band") is no activity;
+    * an "activity" that is a compound noun continuing the setting ("in a hospital" + "waiting room") is
+      part of the setting, and a setting cut short is widened to its whole phrase.
+    """
+    words = _clauses(text)
+    noun, scene, activity, setting = _snap_noun(parse.noun, words), parse.scene, parse.activity, parse.setting
+    if noun.split()[-1] in MEMBER_OF and (scene is None or scene == noun):
+        scene, noun = noun, MEMBER_OF[noun.split()[-1]]
+    group = scene.split()[-1] if scene else None
+    if not _noun_in_text(noun, words):
+        if group in MEMBER_OF:
+            noun = MEMBER_OF[group]
+        elif (near := _resembling_word(noun, words)) is not None:
+            noun = near
+    scn = _span(scene, words)
+    sett = _span(setting, words, (scn,))
+    act = _activity_span(activity, words, (scn, sett, _noun_span(noun, words)))
+    if act and scn and scn[0] <= act[0] and act[1] <= scn[1]:
+        activity = None
+    elif act and sett and act[0] == sett[1] and words[act[1] - 1] in _COMPOUND_HEADS:
+        setting, activity = f"{setting} {activity}", None
+    parse = replace(parse, noun=noun, scene=scene, activity=activity, setting=setting)
+    return replace(parse, setting=_snap_setting(parse, words)) if setting else parse
+
+
+def without_unsupported(parse: ParsedScene, text: str) -> ParsedScene:
+    """``parse`` less the optional fields (scene, activity, setting) the text does not contain."""
+    words = _words(text)
+    kept = {f: getattr(parse, f) if _span(getattr(parse, f), words) else None for f in ("scene", "activity", "setting")}
+    return replace(parse, **kept)
 
 
 def ungrounded(parse: ParsedScene, text: str) -> str | None:
@@ -374,9 +514,11 @@ class LlmParser:
 
     ``parse(text)`` decodes one request; :meth:`prefetch` decodes many in length-sorted batches and memoises
     the answers, so ``evaluate_parser_report(parser, examples)`` after ``parser.prefetch(texts)`` costs one
-    batched pass. An unusable greedy answer (no JSON, invalid, or not grounded in the request) is retried with
-    beam search (``retry_beams``) and the first grounded beam is taken. ``fallback`` is the parser used when no
-    beam is usable either (default: the rule parser, with a warning); ``None`` raises :class:`PlanError` instead.
+    batched pass. Every answer's spans are snapped to the request's words first (``snap``: :func:`canonical`).
+    An unusable greedy answer (no JSON, invalid, or not grounded in the request) is retried with beam search
+    (``retry_beams``) and the first grounded beam is taken; if none is, the first of those answers that is
+    grounded once its unsupported optional fields are dropped. ``fallback`` is the parser used when nothing is
+    usable (default: the rule parser, with a warning); ``None`` raises :class:`PlanError` instead.
     """
 
     name = "llm"
@@ -390,6 +532,7 @@ class LlmParser:
         max_new_tokens: int = MAX_NEW_TOKENS,
         batch_size: int = 32,
         retry_beams: int = 4,
+        snap: bool = True,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -404,6 +547,10 @@ class LlmParser:
         self.retry_beams = retry_beams
         self.retries = 0  # greedy answers that were unusable and retried
         self.rescued = 0  # ... of which a beam gave a usable parse
+        # Spans snapped to the request's words (``canonical``), and as a last resort before the fallback the
+        # first answer usable without its unsupported optional fields (``without_unsupported``).
+        self.snap = snap
+        self.relaxed = 0  # parses answered that way
 
     @classmethod
     def from_adapter(
@@ -497,44 +644,55 @@ class LlmParser:
         return self._memo[text]
 
     # ---- the Parser protocol ----------------------------------------------------------------------------------
-    def read(self, text: str, completion: str) -> ParsedScene:
-        """Turn a completion into a grounded parse, or raise :class:`PlanError` saying what is wrong with it."""
+    def read(self, text: str, completion: str, relaxed: bool = False) -> ParsedScene:
+        """Turn a completion into a grounded parse, or raise :class:`PlanError` saying what is wrong with it.
+
+        With ``snap`` the spans are first snapped to the text (:func:`canonical`); ``relaxed`` also drops the
+        optional fields the text does not contain (:func:`without_unsupported`) instead of rejecting the answer.
+        """
         parsed = ParsedScene.from_target(completion)
+        if self.snap:
+            parsed = canonical(parsed, text)
+        if relaxed:
+            parsed = without_unsupported(parsed, text)
         why = ungrounded(parsed, text)
         if why is not None:
             raise PlanError(f"parser output is not supported by the text: {why}")
         return parsed
 
     def parse(self, text: str) -> ParsedScene:
+        """Greedy answer; else the first usable beam (``retry_beams``); else, with ``snap``, the first answer of
+        those that is usable once unsupported optional fields are dropped; else the fallback."""
         if not isinstance(text, str) or not text.strip():
             raise PlanError("scene text is empty; describe the entities, e.g. 'three nurses in a hospital'")
         completion = self.completion(text)
         try:
             return self.read(text, completion)
         except PlanError as exc:
-            rescued = self._retry(text)
-            if rescued is not None:
-                return rescued
-            if self.fallback is None:
-                raise PlanError(f"learned parser failed on {text!r}: {exc}") from None
-            log.warning("learned parser gave an unusable answer for %r (%s; output %r); using the %s parser",
-                        text, exc, completion[:120], self.fallback.name)
-            self.fallbacks += 1
-            return self.fallback.parse(text)
+            error = exc
+        beams: list[str] = []
+        if self.retry_beams >= 2:
+            self.retries += 1
+            beams = self.generate([text], beams=self.retry_beams)[0]  # type: ignore[assignment]
+            if (parsed := self._first_usable(text, beams)) is not None:
+                self.rescued += 1
+                return parsed
+        if self.snap and (parsed := self._first_usable(text, [completion, *beams], relaxed=True)) is not None:
+            self.relaxed += 1
+            return parsed
+        if self.fallback is None:
+            raise PlanError(f"learned parser failed on {text!r}: {error}") from None
+        log.warning("learned parser gave an unusable answer for %r (%s; output %r); using the %s parser",
+                    text, error, completion[:120], self.fallback.name)
+        self.fallbacks += 1
+        return self.fallback.parse(text)
 
-
-    def _retry(self, text: str) -> ParsedScene | None:
-        """The first grounded parse among the beam-search answers for ``text``, or None."""
-        if self.retry_beams < 2:
-            return None
-        self.retries += 1
-        for completion in self.generate([text], beams=self.retry_beams)[0]:
+    def _first_usable(self, text: str, completions: Sequence[str], relaxed: bool = False) -> ParsedScene | None:
+        for completion in completions:
             try:
-                parsed = self.read(text, completion)
+                return self.read(text, completion, relaxed)
             except PlanError:
                 continue
-            self.rescued += 1
-            return parsed
         return None
 
 

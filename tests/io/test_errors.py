@@ -58,6 +58,33 @@ def test_wrong_base_model_is_refused_then_overridable(saved, target):
     assert deltaw.adapters(other) == ["a"]
 
 
+@pytest.mark.parametrize("how", ["in_place", "new_data", "merged"])
+def test_base_changed_after_a_load_is_still_caught(saved, how):
+    """The fingerprint digest is remembered per base; changing the base's weights must invalidate it."""
+    model = LLAMA.build()
+    deltaw.load(model, saved, "a")  # same base: accepted, digest remembered
+    deltaw.delete(model, "a")
+    deltaw.load(model, saved, "again")
+    other = dict(LLAMA.build(seed=99).named_parameters())
+    pairs = [(p, other[n.replace(".base_layer", "")]) for n, p in model.named_parameters()
+             if n.replace(".base_layer", "") in other]
+    with torch.no_grad():
+        if how == "in_place":
+            for p, o in pairs:
+                p.copy_(o)
+        elif how == "new_data":
+            for p, o in pairs:
+                p.data = o.data.clone()
+        else:  # merged weights are not the base: the pristine W0 is what counts, so this one still loads
+            deltaw.merge(model, "again")
+    if how == "merged":
+        deltaw.load(model, saved, "third")
+        assert deltaw.adapters(model) == ["again", "third"]
+        return
+    with pytest.raises(deltaw.BaseModelMismatchError, match="another base model"):
+        deltaw.load(model, saved, "third")
+
+
 def test_same_base_in_bf16_is_accepted(saved):
     model = LLAMA.build().to(torch.bfloat16)
     deltaw.load(model, saved, "a")

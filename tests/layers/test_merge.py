@@ -146,3 +146,78 @@ def test_meta_device_counts_gpt3_175b_adapter_without_allocating():
     assert all(p.device.type == "meta" for p in model.parameters())
     with pytest.raises(deltaw.MergeError, match="meta"):
         deltaw.merge(model, "a")
+
+
+# ---- merged weights in huge-page host memory (layers.hostmem) -----------------------------------------------
+hostmem_usable = pytest.mark.skipif(not deltaw.layers.hostmem._USABLE, reason="no Linux transparent huge pages")
+
+
+@hostmem_usable
+def test_hostmem_tensors_have_separate_storages_and_free_their_mapping():
+    import gc
+    import weakref
+
+    from deltaw.layers.hostmem import MIN_BYTES, empty_many
+
+    shapes = [(1024, 1024), (7, 3), (2048, 1024)]
+    ts = empty_many(shapes, torch.float32)
+    assert [tuple(t.shape) for t in ts] == shapes and all(t.is_contiguous() for t in ts)
+    starts = sorted((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in ts)
+    assert len({s for s, _ in starts}) == 3
+    assert all(s0 + n0 <= s1 for (s0, n0), (s1, _) in zip(starts, starts[1:]))  # disjoint
+    for i, t in enumerate(ts):
+        t.fill_(i)
+    assert [t.unique().tolist() for t in ts] == [[0.0], [1.0], [2.0]]  # no overlap
+    assert empty_many([(4, 4)], torch.float32) is None  # below MIN_BYTES: ordinary allocation
+    assert empty_many([(MIN_BYTES // 4, 0)], torch.float32) is None
+    ref = weakref.ref(ts[0])
+    del ts, t
+    gc.collect()
+    assert ref() is None
+
+
+@hostmem_usable
+def test_merge_into_hostmem_is_exact_and_saves_like_any_weight(tmp_path, monkeypatch):
+    """The merged weights live in one mapping; savers must still see separate tensors, and unmerge is exact."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(deltaw.layers.hostmem, "MIN_BYTES", 0)  # the tiny model takes the huge-page path too
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a", std=0.1)
+    x = torch.randint(0, 64, (2, 9))
+    deltaw.activate(model, "a")
+    with torch.no_grad():
+        live = model(x).logits
+        deltaw.merge(model, "a")
+        deltaw.deactivate(model)  # the merged weights alone must now give the live output
+        q = model.model.layers[0].self_attn.q_proj
+        assert q.base_layer.weight.untyped_storage().nbytes() == q.base_layer.weight.numel() * 4
+        want = q._pristine + q.scaling["a"] * q.lora_B["a"] @ q.lora_A["a"]
+        assert torch.allclose(q.base_layer.weight, want, atol=1e-6)
+        assert torch.allclose(model(x).logits, live, atol=1e-5)
+        plain = deltaw.merge_and_unload(model)
+    sd = {k: v.contiguous() for k, v in plain.state_dict().items()}
+    save_file(sd, tmp_path / "m.safetensors")  # raises on tensors that share storage
+    back = load_file(tmp_path / "m.safetensors")
+    assert all(torch.equal(back[k], v) for k, v in sd.items())
+    plain.save_pretrained(tmp_path / "hf")  # transformers drops/complains about "shared" tensors
+    from transformers import LlamaForCausalLM
+
+    again = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in plain.state_dict().items())
+
+
+@hostmem_usable
+def test_unmerge_after_hostmem_merge_restores_bits(monkeypatch):
+    monkeypatch.setattr(deltaw.layers.hostmem, "MIN_BYTES", 0)
+    model = tiny_gpt2()  # Conv1D targets
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]), "a")
+    randomize(model, "a", std=0.1)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["c_attn"]), "b")
+    randomize(model, "b", std=0.1, seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for spec in ("a", {"a": 0.5, "b": -1.0}, "b"):
+        deltaw.merge(model, spec)
+        deltaw.unmerge(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

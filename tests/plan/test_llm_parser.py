@@ -275,3 +275,86 @@ def test_beam_generation_returns_each_texts_beams(tiny) -> None:
     assert len(out) == 2 and all(len(b) == 3 and all(isinstance(c, str) for c in b) for b in out)
     greedy = parser.generate(["two nurses", "a team of five players in a park"])
     assert len(greedy) == 2 and all(isinstance(c, str) for c in greedy)
+
+
+@pytest.mark.parametrize(
+    ("text", "model_says", "snapped"),
+    [  # the model copies the text's words; code puts the head noun in the singular
+        ("there are 11 mechanics in a kitchen", ParsedScene(11, "mechanics", setting="in a kitchen"),
+         ParsedScene(11, "mechanic", setting="in a kitchen")),
+        ("please draw me nine elves eating lunch", ParsedScene(9, "elve", activity="eating lunch"),
+         ParsedScene(9, "elf", activity="eating lunch")),
+        ("two waitresses", ParsedScene(2, "waitress"), ParsedScene(2, "waitress")),
+        ("one happy waitress", ParsedScene(1, "happy waitress"), ParsedScene(1, "happy waitress")),
+        # a noun naming the group itself, or not in the text, becomes the collective's member
+        ("a class of four in a living room", ParsedScene(4, "class", scene="class", setting="in a living room"),
+         ParsedScene(4, "student", scene="class", setting="in a living room")),
+        ("a women's rugby team of ten", ParsedScene(10, "woman", scene="women's rugby team"),
+         ParsedScene(10, "player", scene="women's rugby team")),
+        # a setting cut short is widened to its preposition and to the end of its phrase
+        ("58 teenagers that are jumping in a hospital waiting room",
+         ParsedScene(58, "teenager", activity="jumping", setting="waiting room"),
+         ParsedScene(58, "teenager", activity="jumping", setting="in a hospital waiting room")),
+        ("a group of one lifeguard painting in a hospital waiting room",
+         ParsedScene(1, "lifeguard", scene="group", activity="painting", setting="in a hospital"),
+         ParsedScene(1, "lifeguard", scene="group", activity="painting", setting="in a hospital waiting room")),
+        ("five cooks in a kitchen with a view", ParsedScene(5, "cook", setting="in a kitchen"),  # stops at "with"
+         ParsedScene(5, "cook", setting="in a kitchen")),
+        ("in a kitchen, five cooks chopping onions",  # a setting before the noun is left alone
+         ParsedScene(5, "cook", activity="chopping onions", setting="in a kitchen"),
+         ParsedScene(5, "cook", activity="chopping onions", setting="in a kitchen")),
+        ("four nurses running in a park", ParsedScene(4, "nurse", activity="running", setting="in a park"),
+         ParsedScene(4, "nurse", activity="running", setting="in a park")),
+        # a noun naming a group is the scene; its members are the noun
+        ("a jazz band of 4 at a concert", ParsedScene(4, "jazz band", setting="at a concert"),
+         ParsedScene(4, "musician", scene="jazz band", setting="at a concert")),
+        # a noun absent from the text becomes the word it resembles
+        ("two grandparents in the rain, waving", ParsedScene(2, "grandchild", activity="waving", setting="in the rain"),
+         ParsedScene(2, "grandparent", activity="waving", setting="in the rain")),
+        ("two nurses", ParsedScene(2, "doctor"), ParsedScene(2, "doctor")),  # nothing alike: left to grounding
+        # fields are disjoint spans: no activity inside the scene, no compound noun cut off the setting
+        ("a twelve-musician marching band beside a fountain",
+         ParsedScene(12, "musician", scene="marching band", activity="marching", setting="beside a fountain"),
+         ParsedScene(12, "musician", scene="marching band", setting="beside a fountain")),
+        ("a platoon of 11 in a hospital waiting room",
+         ParsedScene(11, "soldier", scene="platoon", activity="waiting room", setting="in a hospital"),
+         ParsedScene(11, "soldier", scene="platoon", setting="in a hospital waiting room")),
+        ("thirty farmers in a hospital waiting room, waiting",  # the activity is the later "waiting"
+         ParsedScene(30, "farmer", activity="waiting", setting="in a hospital"),
+         ParsedScene(30, "farmer", activity="waiting", setting="in a hospital waiting room")),
+    ],
+)
+def test_canonical_snaps_spans_to_the_text(text: str, model_says: ParsedScene, snapped: ParsedScene) -> None:
+    assert lp.canonical(model_says, text) == snapped
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_canonical_leaves_every_correct_parse_alone(split: str) -> None:
+    """Snapping may only repair: on 4,000 grammar examples per split the gold parse comes back unchanged."""
+    changed = [(e.text, e.parse) for e in generate_examples(4000, seed=11, split=split)
+               if lp.canonical(e.parse, e.text) != e.parse]
+    assert changed == []
+
+
+def test_unsupported_optional_fields_are_dropped_only_as_a_last_resort(tiny, monkeypatch) -> None:
+    """A hallucinated setting ("a picture showing ..." -> "in a picture") loses to any fully grounded beam;
+    with none, the greedy answer without the setting is taken; a bad count still fails."""
+    tok, make, _ = tiny
+    parser = lp.LlmParser(make(), tok, fallback=None, retry_beams=2)
+    text = "a picture showing 6 hikers clapping"
+    parser._memo[text] = '{"count":6,"noun":"hiker","activity":"clapping","setting":"in a picture"}'
+    beams = ['{"count":6,"noun":"hiker","setting":"beside a hiker"}', '{"count":6,"noun":"hiker","activity":"clapping"}']
+    monkeypatch.setattr(parser, "generate", lambda texts, beams=1: [list(candidates)])
+    candidates = beams
+    assert parser.parse(text) == ParsedScene(6, "hiker", activity="clapping")
+    assert (parser.retries, parser.rescued, parser.relaxed) == (1, 1, 0)  # the grounded beam wins
+    candidates = beams[:1]
+    assert parser.parse(text) == ParsedScene(6, "hiker", activity="clapping")  # greedy less its setting
+    assert (parser.retries, parser.rescued, parser.relaxed) == (2, 1, 1)
+    parser._memo["two hikers"] = '{"count":3,"noun":"hiker","setting":"in a picture"}'
+    with pytest.raises(PlanError, match="count 3 is not written"):
+        parser.parse("two hikers")
+    strict = lp.LlmParser(parser.model, tok, fallback=None, retry_beams=0, snap=False)
+    strict._memo[text] = parser._memo[text]
+    with pytest.raises(PlanError, match="setting 'in a picture' is not in the text"):
+        strict.parse(text)
