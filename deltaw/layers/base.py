@@ -25,6 +25,16 @@ from torch import nn
 from ..errors import MergeError, NonFiniteError
 from ..registry import AdapterState
 
+_module_globals = torch.nn.modules.module
+
+
+def _global_hooks() -> bool:
+    """Any module hook registered globally (``register_module_forward_hook`` & co.): then every call goes
+    through ``nn.Module.__call__``."""
+    g = _module_globals
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+                or g._global_backward_pre_hooks)
+
 
 class LoraLayer(nn.Module, metaclass=ABCMeta):
     """Base class; each registered layer type implements the abstract hooks below."""
@@ -47,6 +57,15 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         object.__setattr__(self, "_a_params", self.lora_A._parameters)
         object.__setattr__(self, "_b_params", self.lora_B._parameters)
         self.tied_with = tuple(tied_with)  # other parameter names sharing base_layer.weight
+        # A base layer of exactly a type whose forward ``base_forward`` reproduces may be run directly when it
+        # has no hooks: nn.Module.__call__ costs more than a decode step's GEMV on 200 modules.
+        object.__setattr__(self, "_plain_base", self.is_plain_base(base_layer))
+
+    @classmethod
+    def is_plain_base(cls, base_layer: nn.Module) -> bool:
+        """True when ``base_layer``'s forward is exactly ``base_forward(x, weight)`` (never by default; a
+        subclass of the base type may override forward, so subclasses name exact types)."""
+        return False
 
     # ---- hooks for subclasses ----------------------------------------------------------------------------
     @abstractmethod
@@ -127,7 +146,12 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         state: AdapterState = self._state
         if state.disabled:
             return self.base_layer(x) if self._pristine is None else self.base_forward(x, self._pristine)
-        y = self.base_layer(x)
+        base = self._modules["base_layer"]
+        if self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                                     or base._backward_pre_hooks or _global_hooks()):
+            y = self.base_forward(x, base._parameters["weight"])  # what base(x) runs, minus the call machinery
+        else:
+            y = base(x)
         if state.rows is not None:
             return state.rows.apply(self, x, y)
         live = state.live

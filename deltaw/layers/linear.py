@@ -18,6 +18,10 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 class LoraLinear(LoraLayer):
     """y = x W0ᵀ + b + s · (x Aᵀ) Bᵀ.   A: (r, in), B: (out, r)."""
 
+    @classmethod
+    def is_plain_base(cls, base_layer: nn.Module) -> bool:
+        return type(base_layer) is nn.Linear
+
     def _features(self) -> tuple[int, int]:
         out_f, in_f = self.base_layer.weight.shape
         return in_f, out_f
@@ -55,11 +59,16 @@ class LoraLinear(LoraLayer):
         return y
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, weight, self.base_layer.bias)
+        return F.linear(x, weight, self._modules["base_layer"]._parameters["bias"])
 
 
 class LoraConv1D(LoraLinear):
     """transformers ``Conv1D``: y = x W0 + b with W0 (in, out), so ΔW is stored transposed (Aᵀ Bᵀ)."""
+
+    @classmethod
+    def is_plain_base(cls, base_layer: nn.Module) -> bool:
+        t = type(base_layer)
+        return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
 
     def _features(self) -> tuple[int, int]:
         in_f, out_f = self.base_layer.weight.shape

@@ -70,3 +70,48 @@ def test_load_reads_a_private_copy(tmp_path):
     (tmp_path / "a" / "adapter_model.safetensors").write_bytes(b"\0" * 64)  # later edits of the file are not seen
     for p, q in zip(deltaw.adapter_parameters(model, "a"), deltaw.adapter_parameters(model, "b")):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("mlp", "gpt2_conv1d", "llama")],
+                         ids=lambda c: c.name)
+def test_direct_base_call_equals_module_call_and_respects_hooks(case, monkeypatch):
+    """A plain nn.Linear / transformers Conv1D base runs through ``base_forward`` directly; the output must
+    equal the module call bit for bit, and any hook (on the base or global) must send it through __call__."""
+    from deltaw.layers import LoraLayer
+
+    model, x = case.build(), case.input()
+    deltaw.attach(model, case.config, "a")
+    randomize(model, "a", seed=3)
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert any(m._plain_base for m in layers)
+    with torch.no_grad():
+        fast = case.run(model, x)
+        for m in layers:
+            object.__setattr__(m, "_plain_base", False)
+        slow = case.run(model, x)
+        for m in layers:
+            object.__setattr__(m, "_plain_base", m.is_plain_base(m.base_layer))
+        assert torch.equal(fast, slow)
+        seen: list[str] = []
+        handle = layers[0].base_layer.register_forward_hook(lambda mod, args, out: seen.append("local"))
+        case.run(model, x)
+        handle.remove()
+        handle = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, args, out: seen.append("global") if mod is layers[0].base_layer else None)
+        case.run(model, x)
+        handle.remove()
+        assert seen == ["local", "global"]
+
+
+def test_linear_subclass_with_its_own_forward_is_called():
+    class Doubling(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(Doubling(4, 3))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        assert not model[0]._plain_base
+        assert torch.equal(model(x), 2 * torch.nn.functional.linear(x, model[0].base_layer.weight,
+                                                                    model[0].base_layer.bias))
