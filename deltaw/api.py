@@ -16,7 +16,6 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
-from .layers.hostmem import empty_many
 from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
 
@@ -335,24 +334,11 @@ def using(model: nn.Module, spec: AdapterSpec) -> Iterator[None]:
 # ---- merge ---------------------------------------------------------------------------------------------
 def _apply_merged(st: AdapterState, target: Weighted) -> None:
     """Make the base weights equal W0 + Σ_target wᵢ·sᵢ·ΔWᵢ, all-or-nothing."""
-    touched = sorted({p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules})
-    outs = _merge_buffers([st.layers[p].merge_target(target) for p in touched])
-    new_weights = {path: st.layers[path].merged_weight(target, out) for path, out in zip(touched, outs)}  # may raise
+    touched = {p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules}
+    new_weights = {path: st.layers[path].merged_weight(target) for path in sorted(touched)}  # may raise: no change yet
     for path, weight in new_weights.items():
         st.layers[path].set_merged(weight)
     st.set_merged(target)
-
-
-def _merge_buffers(w0s: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-    """Output buffers for the merged weights: on CPU, contiguous fp32 ones share one huge-page mapping
-    (``layers.hostmem``: page faults were most of the merge time); None means "allocate as usual"."""
-    pick = [i for i, w in enumerate(w0s)
-            if w is not None and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()]
-    carved = empty_many([w0s[i].shape for i in pick], torch.float32) or []
-    outs: list[torch.Tensor | None] = [None] * len(w0s)
-    for i, t in zip(pick, carved):
-        outs[i] = t
-    return outs
 
 
 def merge(model: nn.Module, spec: AdapterSpec = None) -> None:

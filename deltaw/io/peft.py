@@ -30,7 +30,6 @@ from .. import api
 from ..config import LoraConfig
 from ..errors import AdapterFormatError, AdapterNameError, BaseModelMismatchError, NonFiniteError, TargetError
 from ..layers import LoraEmbedding, layer_class_for
-from ..layers.hostmem import empty_many
 from ..layers.linear import LoraConv1D
 from ..registry import AdapterInfo, check_name
 from . import fingerprints as fp
@@ -161,9 +160,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor], l
             if n <= 0 or 8 + n > size:
                 return None
             header = json.loads(f.read(n))
-            # Huge-page-backed where Linux allows (``layers.hostmem``): first-touch page faults on a fresh
-            # 20 MB buffer cost more than copying the file out of the page cache.
-            buf = (empty_many([(size - 8 - n,)], torch.uint8) or [torch.empty(size - 8 - n, dtype=torch.uint8)])[0]
+            buf = torch.empty(size - 8 - n, dtype=torch.uint8)  # (bytes,)
             if f.readinto(memoryview(buf.numpy())) != buf.numel():
                 return None
     except (OSError, ValueError):

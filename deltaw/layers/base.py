@@ -190,17 +190,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def merged(self) -> bool:
         return self._pristine is not None
 
-    def merge_target(self, merged: Sequence[tuple[str, float]]) -> torch.Tensor | None:
-        """The pristine W0 when this layer carries one of the adapters in ``merged`` (else None): what
-        ``merged_weight`` will read, so callers can size its ``out``."""
-        if not any(n in self.lora_A._parameters for n, _ in merged):
-            return None
-        return self._pristine if self._pristine is not None else self.base_layer.weight.data
-
-    def merged_weight(self, merged: Sequence[tuple[str, float]], out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def merged_weight(self, merged: Sequence[tuple[str, float]]) -> torch.Tensor | None:
         """W0 + Σ w·s·ΔW for the adapters in ``merged`` this layer carries; None when it carries none.
 
-        ``out`` (contiguous, W0's shape and dtype) receives the result instead of a fresh allocation.
         Raises NonFiniteError (nothing changed) if the result is not finite."""
         mine = [(n, w) for n, w in merged if n in self.lora_A._parameters]
         if not mine:
@@ -216,13 +208,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         with torch.no_grad():
             # One fused pass per adapter (addmm into an fp32 copy of W0): merge is bound by bytes moved.
             new = w0.float()  # layout of W0; fp32 so small updates survive bf16/fp16 bases
-            direct = out if out is not None and new is w0 else None  # fp32: the first addmm writes into out
             for name, weight in mine:
                 a, b = self.lora_A[name].float(), self.lora_B[name].float()
-                new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0, out=direct)
+                new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0)
             new = new.to(w0.dtype)
-            if out is not None and new is not out:
-                new = out.copy_(new)
         # A sum reads W once without a full-size mask: finite iff every entry is finite (or it overflowed, in
         # which case the exact per-entry check decides).
         if not (torch.isfinite(new.sum(dtype=torch.float32)) or torch.isfinite(new).all()):
@@ -231,12 +220,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
         return new
 
-    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-        """w + alpha·ΔW(a, b): in place when ``inplace``, else into ``out`` or a new tensor. Matmul-shaped
-        layers override this with one addmm."""
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
+        """w + alpha·ΔW(a, b) (in place when ``inplace``). Matmul-shaped layers override this with one addmm."""
         delta = self.delta_weight(a, b)
-        return w.add_(delta, alpha=alpha) if inplace else torch.add(w, delta, alpha=alpha, out=out)
+        return w.add_(delta, alpha=alpha) if inplace else torch.add(w, delta, alpha=alpha)
 
     def set_merged(self, new_weight: torch.Tensor | None) -> None:
         """Install a weight computed by ``merged_weight`` (None: restore the pristine W0 exactly)."""
