@@ -148,7 +148,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             return self.base_layer(x) if self._pristine is None else self.base_forward(x, self._pristine)
         base = self._modules["base_layer"]
         if self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                                     or base._backward_pre_hooks or _global_hooks()):
+                                     or base._backward_pre_hooks or "forward" in base.__dict__ or _global_hooks()):
+            # ("forward" in __dict__: an instance-level forward, e.g. accelerate's offload hook, must run)
             y = self.base_forward(x, base._parameters["weight"])  # what base(x) runs, minus the call machinery
         else:
             y = base(x)

@@ -100,7 +100,17 @@ def test_direct_base_call_equals_module_call_and_respects_hooks(case, monkeypatc
             lambda mod, args, out: seen.append("global") if mod is layers[0].base_layer else None)
         case.run(model, x)
         handle.remove()
-        assert seen == ["local", "global"]
+        base = layers[0].base_layer
+        plain_forward = base.forward
+
+        def patched(*args, **kwargs):  # what accelerate's add_hook_to_module does to offloaded layers
+            seen.append("instance")
+            return plain_forward(*args, **kwargs)
+
+        base.forward = patched
+        case.run(model, x)
+        del base.forward
+        assert seen == ["local", "global", "instance"]
 
 
 def test_linear_subclass_with_its_own_forward_is_called():
