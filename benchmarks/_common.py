@@ -129,6 +129,11 @@ def build_contenders(builder: Callable[[], nn.Module], n_adapters: int, targets:
     return Contenders(base, dw, peft_model, names, dirs, tmp)
 
 
+def base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without adapter tensors (deltaw's and PEFT's both carry "lora" in their key names)."""
+    return {k: v for k, v in model.state_dict().items() if "lora" not in k}
+
+
 def adapter_bytes_deltaw(model: nn.Module, name: str) -> int:
     return sum(p.numel() * p.element_size() for p in deltaw.adapter_parameters(model, name))
 

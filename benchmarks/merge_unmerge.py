@@ -7,21 +7,17 @@ import time
 import torch
 
 import deltaw
-from _common import Result, Target, summarize, repeats, standalone
+from _common import Result, Target, base_weights, repeats, standalone, summarize
 
 MEASURE = "merge_unmerge"
 TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
 
 
-def _weights(model):
-    return {k: v for k, v in model.state_dict().items() if "lora" not in k}
-
-
 def run(env):
     c = env.smol_resident(4)
     name = c.names[0]
-    before_dw = {k: v.clone() for k, v in _weights(c.dw).items()}
-    before_peft = {k: v.clone() for k, v in _weights(c.peft).items()}
+    before_dw = {k: v.clone() for k, v in base_weights(c.dw).items()}
+    before_peft = {k: v.clone() for k, v in base_weights(c.peft).items()}
     c.peft.set_adapter(name)
     dw_t, peft_t = [], []
     with torch.no_grad():
@@ -36,7 +32,7 @@ def run(env):
             if i:
                 dw_t.append((t1 - t0) * 1e3)
                 peft_t.append((t2 - t1) * 1e3)
-    after_dw, after_peft = _weights(c.dw), _weights(c.peft)
+    after_dw, after_peft = base_weights(c.dw), base_weights(c.peft)
     exact = all(torch.equal(before_dw[k], after_dw[k]) for k in before_dw)
     drift = max((after_peft[k].float() - v.float()).abs().max().item() for k, v in before_peft.items())
     med = summarize(dw_t), summarize(peft_t)

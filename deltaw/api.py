@@ -333,19 +333,40 @@ def using(model: nn.Module, spec: AdapterSpec) -> Iterator[None]:
 
 # ---- merge ---------------------------------------------------------------------------------------------
 def _apply_merged(st: AdapterState, target: Weighted) -> None:
-    """Make the base weights equal W0 + Σ_target wᵢ·sᵢ·ΔWᵢ, all-or-nothing."""
-    touched = {p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules}
-    new_weights = {path: st.layers[path].merged_weight(target) for path in sorted(touched)}  # may raise: no change yet
+    """Make the base weights equal W0 + Σ_target wᵢ·sᵢ·ΔWᵢ, all-or-nothing.
+
+    A layer that holds merged weights and stays merged is recomputed from W0 into the weight it already has
+    (no allocation: re-weighting, adding an adapter or switching with ``replace`` moves no memory); the others
+    get new tensors, installed only once every layer succeeded. If a layer fails, the ones rewritten in place
+    are recomputed for the previous target, so a refused merge still changes nothing."""
+    touched = sorted({p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules})
+    carried = {n for n, _ in target}
+    rewritten: list[str] = []
+    new_weights: dict[str, torch.Tensor | None] = {}
+    try:
+        for path in touched:
+            layer = st.layers[path]
+            if layer.merged and carried & layer.lora_A._parameters.keys():
+                rewritten.append(path)
+                layer.merged_weight(target, out=layer.base_layer.weight.data)
+            else:
+                new_weights[path] = layer.merged_weight(target)
+    except BaseException:
+        for path in rewritten:
+            st.layers[path].merged_weight(st.merged, out=st.layers[path].base_layer.weight.data)
+        raise
     for path, weight in new_weights.items():
         st.layers[path].set_merged(weight)
     st.set_merged(target)
 
 
-def merge(model: nn.Module, spec: AdapterSpec = None) -> None:
+def merge(model: nn.Module, spec: AdapterSpec = None, *, replace: bool = False) -> None:
     """Fold adapters into the base weights (zero extra latency). ``None`` merges the active adapters.
 
-    Adds to what is already merged; re-merging an adapter with another weight replaces its weight. Refuses
-    NaN/inf (and tied weights) leaving every weight untouched.
+    Adds to what is already merged; re-merging an adapter with another weight replaces its weight;
+    ``replace=True`` makes ``spec`` the whole merged set (switching the merged adapter in one pass, reusing
+    the merged weights' memory, instead of unmerge + merge). Refuses NaN/inf (and tied weights) leaving every
+    weight untouched.
     """
     st = state(model)
     new = normalize(spec) if spec is not None else st.active
@@ -353,7 +374,7 @@ def merge(model: nn.Module, spec: AdapterSpec = None) -> None:
         raise MergeError("nothing to merge: no adapter given and none active")
     for n, _ in new:
         st.require(n)
-    merged = dict(st.merged)
+    merged = {} if replace else dict(st.merged)
     merged.update(dict(new))
     with torch.no_grad():
         _apply_merged(st, tuple(merged.items()))

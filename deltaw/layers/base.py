@@ -191,10 +191,12 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def merged(self) -> bool:
         return self._pristine is not None
 
-    def merged_weight(self, merged: Sequence[tuple[str, float]]) -> torch.Tensor | None:
+    def merged_weight(self, merged: Sequence[tuple[str, float]], out: torch.Tensor | None = None) -> torch.Tensor | None:
         """W0 + Σ w·s·ΔW for the adapters in ``merged`` this layer carries; None when it carries none.
 
-        Raises NonFiniteError (nothing changed) if the result is not finite."""
+        ``out`` (W0's shape and dtype) receives the result instead of a new tensor: re-merging into the weight
+        already installed costs no allocation. Raises NonFiniteError if the result is not finite; without
+        ``out`` nothing changed, with ``out`` (fp32) it holds the rejected values and the caller restores it."""
         mine = [(n, w) for n, w in merged if n in self.lora_A._parameters]
         if not mine:
             return None
@@ -209,9 +211,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         with torch.no_grad():
             # One fused pass per adapter (addmm into an fp32 copy of W0): merge is bound by bytes moved.
             new = w0.float()  # layout of W0; fp32 so small updates survive bf16/fp16 bases
+            direct = out if new is w0 else None  # fp32 W0: the first addmm writes straight into out
             for name, weight in mine:
                 a, b = self.lora_A[name].float(), self.lora_B[name].float()
-                new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0)
+                new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0, out=direct)
             new = new.to(w0.dtype)
         # A sum reads W once without a full-size mask: finite iff every entry is finite (or it overflowed, in
         # which case the exact per-entry check decides).
@@ -219,12 +222,14 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             bad = [n for n, _ in mine if not (torch.isfinite(self.lora_A[n]).all() and torch.isfinite(self.lora_B[n]).all())]
             why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
             raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
-        return new
+        return new if out is None or new is out else out.copy_(new)
 
-    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
-        """w + alpha·ΔW(a, b) (in place when ``inplace``). Matmul-shaped layers override this with one addmm."""
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """w + alpha·ΔW(a, b): in place when ``inplace``, else into ``out`` or a new tensor. Matmul-shaped
+        layers override this with one addmm."""
         delta = self.delta_weight(a, b)
-        return w.add_(delta, alpha=alpha) if inplace else torch.add(w, delta, alpha=alpha)
+        return w.add_(delta, alpha=alpha) if inplace else torch.add(w, delta, alpha=alpha, out=out)
 
     def set_merged(self, new_weight: torch.Tensor | None) -> None:
         """Install a weight computed by ``merged_weight`` (None: restore the pristine W0 exactly)."""

@@ -34,9 +34,10 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (b @ a).T  # (num, dim)
 
-    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
         # ΔW = Aᵀ·Bᵀ (num, dim) in one addmm
-        return w.addmm_(a.T, b.T, alpha=alpha) if inplace else torch.addmm(w, a.T, b.T, alpha=alpha)
+        return w.addmm_(a.T, b.T, alpha=alpha) if inplace else torch.addmm(w, a.T, b.T, alpha=alpha, out=out)
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
         a, b = self._a_params[name], self._b_params[name]

@@ -42,9 +42,10 @@ class LoraLinear(LoraLayer):
     def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return b @ a  # (out, in)
 
-    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool) -> torch.Tensor:
+    def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
         m1, m2 = self._delta_factors(a, b)
-        return w.addmm_(m1, m2, alpha=alpha) if inplace else torch.addmm(w, m1, m2, alpha=alpha)
+        return w.addmm_(m1, m2, alpha=alpha) if inplace else torch.addmm(w, m1, m2, alpha=alpha, out=out)
 
     def _delta_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return b, a  # ΔW = B·A (out, in)

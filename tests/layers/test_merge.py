@@ -146,3 +146,56 @@ def test_meta_device_counts_gpt3_175b_adapter_without_allocating():
     assert all(p.device.type == "meta" for p in model.parameters())
     with pytest.raises(deltaw.MergeError, match="meta"):
         deltaw.merge(model, "a")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_replace_switches_the_merged_adapter_in_place_and_exactly(dtype):
+    """merge(b, replace=True) over a merged a equals a fresh merge of b, bit for bit, reuses the merged
+    weights' memory, and unmerge still restores W0."""
+    def build():
+        torch.manual_seed(0)
+        model = tiny_gpt2().to(dtype)
+        deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules=["c_attn", "c_fc"]), "a")
+        deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["c_attn", "c_proj"]), "b")
+        randomize(model, "a", std=0.1, seed=1)
+        randomize(model, "b", std=0.1, seed=2)
+        return model
+
+    model, fresh = build(), build()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    deltaw.merge(model, "a")
+    c_attn = model.transformer.h[0].attn.c_attn.base_layer.weight
+    ptr = c_attn.data_ptr()
+    deltaw.merge(model, {"b": 0.5}, replace=True)
+    assert deltaw.merged(model) == (("b", 0.5),)
+    assert c_attn.data_ptr() == ptr  # carried by a and b: rewritten where it was
+    deltaw.merge(fresh, {"b": 0.5})
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not model.transformer.h[0].mlp.c_fc.merged  # only a touched c_fc: back to W0
+    deltaw.unmerge(model)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def test_failed_merge_over_merged_weights_restores_them():
+    """A NaN found halfway through re-merging in place: the layers already rewritten get their previous
+    merged values back (the NaN layer is the last one, so every other layer was rewritten first)."""
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    deltaw.merge(model, "a")
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
+    last = sorted(deltaw.state(model).layers)[-1]
+    with torch.no_grad():
+        deltaw.state(model).layers[last].lora_B["b"][0, 0] = float("inf")
+    for spec, kwargs in (("b", {}), ("b", {"replace": True}), ({"a": 2.0}, {}), ({"a": 1.0, "b": 1.0}, {})):
+        if spec == {"a": 2.0}:
+            deltaw.merge(model, spec)  # a legitimate in-place re-weight, then back
+            deltaw.merge(model, "a")
+            continue
+        with pytest.raises(deltaw.NonFiniteError):
+            deltaw.merge(model, spec, **kwargs)
+        now = model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in before.items())
+        assert deltaw.merged(model) == (("a", 1.0),)

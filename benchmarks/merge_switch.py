@@ -1,0 +1,46 @@
+#!/usr/bin/env python
+"""Switch the merged adapter of the SmolLM2-135M-shape model (r=16, 7 projections): deltaw
+``merge(b, replace=True)`` rewrites the merged weights in place from W0; PEFT unmerges (subtracts) and merges.
+Not one of the issue's nine measures: the in-place path a server that switches merged adapters would take."""
+
+import sys
+import time
+
+import torch
+
+import deltaw
+from _common import Result, Target, base_weights, repeats, standalone, summarize
+
+MEASURE = "merge_switch"
+TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
+
+
+def run(env):
+    c = env.smol_resident(4)
+    a, b = c.names[0], c.names[1]
+    before = {k: v.clone() for k, v in base_weights(c.dw).items()}
+    dw_t, peft_t = [], []
+    with torch.no_grad():
+        deltaw.merge(c.dw, a)
+        c.peft.merge_adapter([a])
+        for i in range(repeats(env.quick, 10, 4) + 1):
+            nxt, prev = (b, a) if i % 2 == 0 else (a, b)
+            t0 = time.perf_counter()
+            deltaw.merge(c.dw, nxt, replace=True)
+            t1 = time.perf_counter()
+            c.peft.unmerge_adapter()
+            c.peft.merge_adapter([nxt])
+            t2 = time.perf_counter()
+            if i:
+                dw_t.append((t1 - t0) * 1e3)
+                peft_t.append((t2 - t1) * 1e3)
+        deltaw.unmerge(c.dw)
+        c.peft.unmerge_adapter()
+    exact = all(torch.equal(before[k], v) for k, v in base_weights(c.dw).items())
+    c.peft.set_adapter(a)
+    return Result(MEASURE, summarize(dw_t), summarize(peft_t), None,
+                  note=f"deltaw W0 exact after the switches and unmerge: {exact}", extra={"exact": exact})
+
+
+if __name__ == "__main__":
+    standalone(sys.modules[__name__])
