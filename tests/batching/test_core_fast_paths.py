@@ -14,9 +14,13 @@ from deltaw import api
 from toy_models import CASE_IDS, CASES, _logits, randomize
 
 
+@pytest.mark.parametrize("one_row", [False, True], ids=["batch", "one_row"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_fused_inference_add_equals_autograd_path(case):
+def test_fused_inference_add_equals_autograd_path(case, one_row):
+    """``one_row``: a single row (B = 1, one token: the decode case)."""
     model, x = case.build(), case.input()
+    if one_row:
+        x = x[:1, :1] if x.dim() == 2 and not x.is_floating_point() else x[:1]
     deltaw.attach(model, case.config, "a")
     deltaw.attach(model, case.config, "b")
     randomize(model, "a", seed=1)
