@@ -209,7 +209,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     floats = [t for t in tensors if t.is_floating_point()]
     if not floats:
         return True
-    return bool(torch.isfinite(torch.stack([t.sum() for t in floats])).all())
+    # Summed in fp32: an fp16 block of ordinary values would overflow its own dtype's range.
+    return bool(torch.isfinite(torch.stack([t.sum(dtype=torch.float32) for t in floats])).all())
 
 @dataclass
 class AdapterFile:

@@ -191,7 +191,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def merged(self) -> bool:
         return self._pristine is not None
 
-    def merged_weight(self, merged: Sequence[tuple[str, float]], out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def merged_weight(self, merged: Sequence[tuple[str, float]],
+                      out: torch.Tensor | None = None) -> torch.Tensor | None:
         """W0 + Σ w·s·ΔW for the adapters in ``merged`` this layer carries; None when it carries none.
 
         ``out`` (W0's shape and dtype) receives the result instead of a new tensor: re-merging into the weight
