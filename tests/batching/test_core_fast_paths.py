@@ -129,3 +129,12 @@ def test_linear_subclass_with_its_own_forward_is_called():
         assert not model[0]._plain_base
         assert torch.equal(model(x), 2 * torch.nn.functional.linear(x, model[0].base_layer.weight,
                                                                     model[0].base_layer.bias))
+
+
+def test_finiteness_pass_does_not_overflow_on_half_precision_blocks():
+    """The one-pass NaN/inf check sums whole buffers; in fp16 a sum of ordinary values passes 65504."""
+    from deltaw.io.peft import _all_finite
+
+    assert _all_finite([torch.ones(100_000, dtype=torch.float16)])
+    assert _all_finite([torch.ones(100_000, dtype=torch.bfloat16)])
+    assert not _all_finite([torch.tensor([1.0, float("nan")], dtype=torch.float16)])
