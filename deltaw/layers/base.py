@@ -21,17 +21,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from ..errors import MergeError, NonFiniteError
 from ..registry import AdapterState
 
-_module_globals = torch.nn.modules.module
-
-
 def _global_hooks() -> bool:
     """Any module hook registered globally (``register_module_forward_hook`` & co.): then every call goes
     through ``nn.Module.__call__``."""
-    g = _module_globals
+    g = _nn_module
     return bool(g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
                 or g._global_backward_pre_hooks)
 

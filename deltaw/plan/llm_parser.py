@@ -126,8 +126,16 @@ def training_records(examples: Iterable[Any]) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_PHRASE_ENDS = (",", ";", ":")
+
+
+def _clauses(text: str) -> list[str]:
+    """The request's words, with commas, semicolons and colons kept as tokens (they end a phrase)."""
+    return re.sub(r"[.!?\"()]", " ", re.sub(r"([,;:])", r" \1 ", normalize_request(text))).split()
+
+
 def _words(text: str) -> list[str]:
-    return re.sub(r"[,.;:!?\"()]", " ", normalize_request(text)).split()
+    return [w for w in _clauses(text) if w not in _PHRASE_ENDS]
 
 
 def _expressible_counts(words: list[str]) -> set[int]:
@@ -139,19 +147,12 @@ def _expressible_counts(words: list[str]) -> set[int]:
 
 def _noun_in_text(noun: str, words: list[str]) -> bool:
     """The noun phrase occurs contiguously (hyphens split), its last word singular or plural."""
-    tokens = [p for w in words for p in w.split("-") if p]
-    want = [p for w in noun.split() for p in w.split("-") if p]
-    *mods, head = want
-    heads = {head, pluralize(head)}
-    for i in range(len(mods), len(tokens)):
-        if tokens[i - len(mods) : i] == mods and (tokens[i] in heads or singularize(tokens[i]) == head):
-            return True
-    return False
+    def split(ws: list[str]) -> list[str]:
+        return [p for w in ws for p in w.split("-") if p]
+
+    return _noun_head(" ".join(split(noun.split())), split(words)) is not None
 
 
-def _clauses(text: str) -> list[str]:
-    """``_words`` with commas, semicolons and colons kept as tokens: they end a phrase."""
-    return re.sub(r"[.!?\"()]", " ", re.sub(r"([,;:])", r" \1 ", normalize_request(text))).split()
 
 
 def _span(phrase: str | None, words: list[str], avoid: tuple[tuple[int, int] | None, ...] = ()
@@ -218,7 +219,7 @@ def _snap_setting(parse: ParsedScene, words: list[str]) -> str | None:
             start = back
     while end < len(words) and end not in taken and words[end] not in _NP_STOP:
         end += 1
-    if end < len(words) and end not in taken and words[end] not in ",;:":  # stopped at a preposition or a
+    if end < len(words) and end not in taken and words[end] not in _PHRASE_ENDS:  # stopped at a preposition or a
         # clause word, not at a phrase end: keep the model's end
         end = span[1]
     return " ".join(words[start:end])
@@ -229,11 +230,8 @@ def _resembling_word(noun: str, words: list[str]) -> str | None:
     "grandfather" for a text that says "grandparents" -> "grandparent"."""
     head = noun.split()[-1]
 
-    def shared(w: str) -> int:
-        return next((i for i, (x, y) in enumerate(zip(head, w)) if x != y), min(len(head), len(w)))
-
-    best = max(words, key=shared, default="")
-    return singularize(best) if best and shared(best) >= 4 else None
+    best = max(words, key=lambda w: len(os.path.commonprefix([head, w])), default="")
+    return singularize(best) if len(os.path.commonprefix([head, best])) >= 4 else None
 
 
 def canonical(parse: ParsedScene, text: str) -> ParsedScene:
