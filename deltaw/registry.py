@@ -7,6 +7,7 @@ switching adapters costs one attribute assignment instead of a walk over the mod
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,14 @@ _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 Weighted = tuple[tuple[str, float], ...]
 
 
+@functools.cache
+def _reserved() -> frozenset[str]:
+    """Attribute names of the dicts that hold an adapter's tensors (``lora_A`` is a ParameterDict, saved modules
+    a ModuleDict): an adapter called ``keys`` or ``training`` would shadow one of them."""
+    from torch import nn
+    return frozenset(n for d in (nn.ParameterDict(), nn.ModuleDict()) for n in dir(d) if not n.startswith("__"))
+
+
 def check_name(name: object) -> str:
     """Reject names that could escape a directory, collide with module attributes or break PEFT keys."""
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
@@ -30,6 +39,9 @@ def check_name(name: object) -> str:
             f"unsafe adapter name {name!r}: use 1-64 characters of letters, digits, '_' or '-', "
             "starting with a letter or '_' (no dots, slashes or spaces)"
         )
+    if name in _reserved():
+        raise AdapterNameError(f"unsafe adapter name {name!r}: it is an attribute of torch's ParameterDict/"
+                               "ModuleDict that hold the adapter's tensors; pick another name")
     return name
 
 

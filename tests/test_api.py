@@ -130,3 +130,20 @@ def test_training_with_dropout_updates_only_adapter(case):
     adapter_keys = {k for k in after if ".lora_A." in k or ".lora_B." in k}
     assert adapter_keys and any(not torch.equal(after[k], before[k]) for k in adapter_keys)
     assert all(torch.equal(after[k], before[k]) for k in after if k not in adapter_keys)
+
+
+def test_walk_is_named_modules_without_wrapper_insides(case):
+    """``api._walk`` (the short walk that loading uses) lists what ``named_modules`` lists, in the same order,
+    minus the modules inside a wrapper; a module reachable twice appears once."""
+    from deltaw.api import _walk
+    from deltaw.layers import LoraLayer, ModulesToSave
+
+    model = case.build()
+    model.shared_alias = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    deltaw.attach(model, case.config, "a")
+    wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    expected = [(p, m) for p, m in model.named_modules() if not any(p.startswith(w + ".") for w in wrappers)]
+    got = _walk(model)
+    assert [p for p, _ in got] == [p for p, _ in expected]
+    assert all(a is b for (_, a), (_, b) in zip(got, expected))
+    assert len(got) < len(list(model.named_modules()))

@@ -50,7 +50,7 @@ def _version() -> str:
 
 # ---- save ----------------------------------------------------------------------------------------------
 def _pristine_weight(layer) -> torch.Tensor:
-    return layer._pristine if layer._pristine is not None else layer.base_layer.weight
+    return layer._pristine if layer._pristine is not None else layer.base_weight()
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -347,7 +347,7 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
 def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> list[tuple[str, nn.Module]]:
     """Every module the file names exists, has a supported type, and fits the factor shapes. Returns the
     (path, base module) targets."""
-    named = list(model.named_modules())  # one walk, shared with the candidate scan below
+    named = api._walk(model)  # one walk, shared with the candidate scan below
     modules = dict(named)
     st = model.__dict__.get(api._STATE_ATTR)
     targets: list[tuple[str, nn.Module]] = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from abc import ABCMeta, abstractmethod
 from collections.abc import Sequence
 
@@ -34,6 +35,32 @@ def _global_hooks() -> bool:
                 or g._global_backward_pre_hooks)
 
 
+def _put(params: nn.ParameterDict, name: str, value: nn.Parameter) -> None:
+    """``params[name] = value`` without ``nn.Module.__setattr__``'s checks when they cannot fire (a name that
+    is no attribute of the dict, no global registration hook): loading 420 factors spends more time in those
+    checks than in reading the file. Anything unusual takes the checked path."""
+    if (name in params._parameters or name in params.__dict__ or hasattr(type(params), name)
+            or name in params._buffers or name in params._modules
+            or _nn_module._global_parameter_registration_hooks):
+        params[name] = value
+        return
+    params._keys[name] = None
+    params._parameters[name] = value
+
+
+def _absmax(t: torch.Tensor) -> float:
+    """An upper bound on max |t| (|min| + |max|: NaN-propagating, unlike Python's max) without a full-size
+    temporary; NaN if t holds one."""
+    lo, hi = torch.aminmax(t.detach())
+    return abs(float(lo)) + abs(float(hi))
+
+
+def _drop(params: nn.ParameterDict, name: str) -> None:
+    """``del params[name]`` for an entry ``_put`` added (a plain parameter entry)."""
+    del params._keys[name]
+    del params._parameters[name]
+
+
 class LoraLayer(nn.Module, metaclass=ABCMeta):
     """Base class; each registered layer type implements the abstract hooks below."""
 
@@ -50,6 +77,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         # Plain attributes (not submodules / buffers): shared state and merge bookkeeping.
         object.__setattr__(self, "_state", state)
         object.__setattr__(self, "_pristine", None)
+        # CPU only: the merged weight's memory after an unmerge, reused by the next merge of this layer (fresh
+        # pages cost more than the merge's arithmetic there; CUDA's caching allocator already reuses memory).
+        object.__setattr__(self, "_spare", None)
+        object.__setattr__(self, "_w0_bound", None)  # (weakref to W0, its version and address, max |W0|)
         # The factor dicts themselves (stable objects, mutated in place by add/delete): forward reads them per
         # call, and nn.Module.__getattr__ on a submodule costs more than the LoRA matmuls of a decode step.
         object.__setattr__(self, "_a_params", self.lora_A._parameters)
@@ -92,17 +123,23 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
 
     rank_dim = -1  # where the rank axis lives in project_in's output (channels-last by default)
 
+    def base_weight(self) -> torch.Tensor:
+        """``base_layer.weight`` read from the parameter dict when it is there: loading an adapter asks for it
+        ~3 times per module and two ``nn.Module.__getattr__`` calls cost more than the rest of the lookup."""
+        weight = self._modules["base_layer"]._parameters.get("weight")
+        return weight if weight is not None else self.base_layer.weight
+
     # ---- adapters ----------------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
                     factors: tuple[torch.Tensor, torch.Tensor] | None = None, trainable: bool = True) -> None:
         """Add factors of rank r, initialised per ``init`` -- or taken from ``factors`` (A, B), used as the
         parameters' storage without a copy when dtype and device already match (loading from disk)."""
-        weight = self.base_layer.weight
+        weight = self.base_weight()
         # Half-precision bases get fp32 factors: the update B·A is tiny next to W0 and would underflow.
         dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
         a_shape, b_shape = self.factor_shapes(r)
         if factors is not None:
-            a, b = (t.detach().to(device=weight.device, dtype=dtype) for t in factors)
+            a, b = (t.to(device=weight.device, dtype=dtype).detach() for t in factors)
             if tuple(a.shape) != a_shape or tuple(b.shape) != b_shape:
                 raise ValueError(f"factors of shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit rank {r}: "
                                  f"expected {a_shape}, {b_shape}")
@@ -119,14 +156,14 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 nn.init.zeros_(b)
-        self.lora_A[name] = nn.Parameter(a, requires_grad=trainable)
-        self.lora_B[name] = nn.Parameter(b, requires_grad=trainable)
+        _put(self.lora_A, name, nn.Parameter(a, requires_grad=trainable))
+        _put(self.lora_B, name, nn.Parameter(b, requires_grad=trainable))
         self.scaling[name] = scaling
         self.dropout_p[name] = dropout
 
     def delete_adapter(self, name: str) -> None:
-        del self.lora_A[name]
-        del self.lora_B[name]
+        _drop(self.lora_A, name)
+        _drop(self.lora_B, name)
         del self.scaling[name]
         del self.dropout_p[name]
 
@@ -199,7 +236,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         mine = [(n, w) for n, w in merged if n in self.lora_A._parameters]
         if not mine:
             return None
-        w0 = self._pristine if self._pristine is not None else self.base_layer.weight.data
+        w0 = self._pristine if self._pristine is not None else self.base_weight().data
         if w0.device.type == "meta":
             raise MergeError("cannot merge into weights on the meta device: load the base weights first")
         if self.tied_with:
@@ -215,13 +252,40 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 a, b = self.lora_A[name].float(), self.lora_B[name].float()
                 new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0, out=direct)
             new = new.to(w0.dtype)
-        # A sum reads W once without a full-size mask: finite iff every entry is finite (or it overflowed, in
-        # which case the exact per-entry check decides).
-        if not (torch.isfinite(new.sum(dtype=torch.float32)) or torch.isfinite(new).all()):
+        # Scanning the result (a fourth of a merge's time) is needed only when no bound proves it finite; a
+        # sum reads W once without a full-size mask: finite iff every entry is (or it overflowed, in which case
+        # the exact per-entry check decides).
+        if not self._provably_finite(mine, w0.dtype) and not (
+                torch.isfinite(new.sum(dtype=torch.float32)) or torch.isfinite(new).all()):
             bad = [n for n, _ in mine if not (torch.isfinite(self.lora_A[n]).all() and torch.isfinite(self.lora_B[n]).all())]
             why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
             raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
         return new if out is None or new is out else out.copy_(new)
+
+    def _provably_finite(self, mine: Sequence[tuple[str, float]], dtype: torch.dtype) -> bool:
+        """True when W0 + Σ w·s·B·A cannot hold NaN/inf in ``dtype``: each entry of B·A is a sum of r products,
+        so |W| ≤ max|W0| + Σ |w·s|·r·max|A|·max|B|, kept under half the dtype's range (rounding margin). A
+        NaN/inf anywhere makes the bound NaN/inf and sends the caller to the exact scan."""
+        bound = self._w0_absmax()
+        for name, weight in mine:
+            a, b = self._a_params[name], self._b_params[name]
+            bound = bound + abs(weight * self.scaling[name]) * a.shape[0] * _absmax(a) * _absmax(b)
+        return bound < torch.finfo(dtype).max / 2
+
+    def _w0_absmax(self) -> float:
+        """A bound on max |W0| (``_absmax``), remembered while W0 is the same unmodified tensor: W0 is frozen, so merging
+        again and again scans it once."""
+        src = self._pristine if self._pristine is not None else self.base_weight()
+        try:
+            key = (src._version, src.data_ptr())
+        except RuntimeError:  # inference-mode tensors keep no version counter
+            return _absmax(src)
+        hit = self._w0_bound
+        if hit is not None and hit[0]() is src and hit[1] == key:
+            return hit[2]
+        value = _absmax(src)
+        object.__setattr__(self, "_w0_bound", (weakref.ref(src), key, value))
+        return value
 
     def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,
                   out: torch.Tensor | None = None) -> torch.Tensor:
@@ -230,20 +294,40 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         delta = self.delta_weight(a, b)
         return w.add_(delta, alpha=alpha) if inplace else torch.add(w, delta, alpha=alpha, out=out)
 
-    def set_merged(self, new_weight: torch.Tensor | None) -> None:
-        """Install a weight computed by ``merged_weight`` (None: restore the pristine W0 exactly)."""
+    def spare(self) -> torch.Tensor | None:
+        """Memory a merge may write its result into (``merged_weight(out=...)``): the weight the last unmerge
+        took out, when it still fits W0; None otherwise."""
+        spare, w0 = self._spare, self.base_weight()
+        if spare is None or self._pristine is not None:
+            return None
+        if spare.shape != w0.shape or spare.dtype != w0.dtype or spare.device != w0.device:
+            object.__setattr__(self, "_spare", None)
+            return None
+        return spare
+
+    def set_merged(self, new_weight: torch.Tensor | None, keep_memory: bool = False) -> None:
+        """Install a weight computed by ``merged_weight`` (None: restore the pristine W0 exactly; with
+        ``keep_memory`` the merged weight's memory is kept as ``spare()`` for the next merge, on CPU)."""
         param = self.base_layer.weight
         if new_weight is None:
             if self._pristine is not None:
+                taken = param.data
                 param.data = self._pristine
                 object.__setattr__(self, "_pristine", None)
+                object.__setattr__(self, "_spare", taken if keep_memory and taken.device.type == "cpu" else None)
             return
         if self._pristine is None:
             object.__setattr__(self, "_pristine", param.data)
+        object.__setattr__(self, "_spare", None)
         param.data = new_weight
+
+    def drop_spare(self) -> None:
+        """Drop the kept merge memory (see ``set_merged``)."""
+        object.__setattr__(self, "_spare", None)
 
     def _apply(self, fn, recurse=True):  # keep the pristine copy on the same device/dtype as the module
         result = super()._apply(fn, recurse)
+        object.__setattr__(self, "_spare", None)
         if self._pristine is not None:
             object.__setattr__(self, "_pristine", fn(self._pristine))
         return result

@@ -24,11 +24,11 @@ class LoraConv(LoraLayer):
         super().__init__(base_layer, state, tied_with)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        out_c, in_c, *kernel = self.base_layer.weight.shape
+        out_c, in_c, *kernel = self.base_weight().shape
         return (r, in_c, *kernel), (out_c, r, *([1] * len(kernel)))
 
     def max_rank(self) -> int:
-        out_c, in_c, *kernel = self.base_layer.weight.shape
+        out_c, in_c, *kernel = self.base_weight().shape
         return min(out_c, in_c * int(torch.Size(kernel).numel()))
 
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

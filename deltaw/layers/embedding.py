@@ -15,11 +15,11 @@ class LoraEmbedding(LoraLayer):
     zero_init_a = True
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        num, dim = self.base_layer.weight.shape
+        num, dim = self.base_weight().shape
         return (r, num), (dim, r)
 
     def max_rank(self) -> int:
-        return min(self.base_layer.weight.shape)
+        return min(self.base_weight().shape)
 
     def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         e = self.base_layer

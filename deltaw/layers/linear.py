@@ -23,7 +23,7 @@ class LoraLinear(LoraLayer):
         return type(base_layer) is nn.Linear
 
     def _features(self) -> tuple[int, int]:
-        out_f, in_f = self.base_layer.weight.shape
+        out_f, in_f = self.base_weight().shape
         return in_f, out_f
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -71,7 +71,7 @@ class LoraConv1D(LoraLinear):
         return t.__name__ == "Conv1D" and t.__module__ == "transformers.pytorch_utils"
 
     def _features(self) -> tuple[int, int]:
-        in_f, out_f = self.base_layer.weight.shape
+        in_f, out_f = self.base_weight().shape
         return in_f, out_f
 
     def delta_weight(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

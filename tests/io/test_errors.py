@@ -189,7 +189,8 @@ def test_not_a_directory_or_missing(tmp_path, target):
         deltaw.load(target, tmp_path, "a")
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "", "a.b", " x", "x" * 65, 3, "/abs"])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", "a.b", " x", "x" * 65, 3, "/abs",
+                                  "keys", "training", "update", "_keys", "eval"])
 def test_unsafe_names(name, saved):
     model = LLAMA.build()
     with pytest.raises(deltaw.AdapterNameError, match="unsafe adapter name"):

@@ -96,6 +96,36 @@ def test_merge_refuses_overflow_in_fp16():
     assert torch.equal(model[0].base_layer.weight, w0) and deltaw.merged(model) == ()
 
 
+def test_overflow_check_sees_a_base_weight_changed_after_an_earlier_merge():
+    """The bound on max |W0| is remembered between merges; writing into W0 must invalidate it, else a merge
+    that overflows fp16 would pass unchecked."""
+    model = nn.Sequential(nn.Linear(4, 4)).half()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["0"]), "a")
+    with torch.no_grad():
+        model[0].lora_A["a"].fill_(10.0)
+        model[0].lora_B["a"].fill_(10.0)  # ΔW = r·10·10·s = 200 per entry: provably fine on a small W0
+    deltaw.merge(model, "a")
+    deltaw.unmerge(model)
+    with torch.no_grad():
+        model[0].base_layer.weight[1, 2] = 65400.0  # + 200 > fp16 max (65504)
+    w0 = model[0].base_layer.weight.clone()
+    with pytest.raises(deltaw.NonFiniteError, match="overflow"):
+        deltaw.merge(model, "a")
+    assert torch.equal(model[0].base_layer.weight, w0) and deltaw.merged(model) == ()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_merge_refuses_a_base_weight_that_is_not_finite(bad):
+    model = nn.Sequential(nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    randomize(model, "a")
+    with torch.no_grad():
+        model[0].base_layer.weight[0, 0] = bad
+    with pytest.raises(deltaw.NonFiniteError):
+        deltaw.merge(model, "a")
+    assert deltaw.merged(model) == ()
+
+
 def test_merge_refuses_tied_weight():
     model = tiny_llama(tie=True)
     deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["embed_tokens"]), "a")
@@ -199,3 +229,92 @@ def test_failed_merge_over_merged_weights_restores_them():
         now = model.state_dict()
         assert all(torch.equal(now[k], v) for k, v in before.items())
         assert deltaw.merged(model) == (("a", 1.0),)
+
+
+def _base_ptrs(model):
+    return {p: layer.base_layer.weight.data_ptr() for p, layer in deltaw.state(model).layers.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unmerge_keeps_memory_for_the_next_merge(dtype):
+    """The second merge writes into the memory the first unmerge took out, with the same bits as a merge into
+    fresh memory, and W0 still comes back exactly."""
+    model = tiny_llama().to(dtype)
+    fresh = tiny_llama().to(dtype)
+    fresh.load_state_dict(model.state_dict())
+    for m in (model, fresh):
+        deltaw.attach(m, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+        deltaw.attach(m, deltaw.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "b")
+        randomize(m, "a", seed=1)
+        randomize(m, "b", seed=2)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    deltaw.merge(model, "a")
+    first = _base_ptrs(model)
+    deltaw.unmerge(model)
+    kept = {p: layer.spare() for p, layer in deltaw.state(model).layers.items()}
+    assert all(t is not None and t.data_ptr() == first[p] for p, t in kept.items())
+    deltaw.merge(model, {"b": 0.5, "a": 2.0})  # another merged set: only layers carrying it are rewritten
+    merged_layers = {p for p, layer in deltaw.state(model).layers.items() if layer.merged}
+    assert merged_layers and all(_base_ptrs(model)[p] == first[p] for p in merged_layers)
+    deltaw.merge(fresh, {"b": 0.5, "a": 2.0})
+    assert all(torch.equal(v, fresh.state_dict()[k]) for k, v in model.state_dict().items())
+    deltaw.unmerge(model)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def test_keep_memory_false_and_release_give_the_memory_back():
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a")
+    layers = deltaw.state(model).layers.values()
+    weight_bytes = sum(layer.base_layer.weight.numel() * 4 for layer in layers)
+    deltaw.merge(model)
+    deltaw.unmerge(model, keep_memory=False)
+    assert all(layer.spare() is None for layer in layers)
+    assert deltaw.release_merge_memory(model) == 0
+    deltaw.merge(model)
+    deltaw.unmerge(model)
+    assert all(layer.spare() is not None for layer in layers)
+    assert deltaw.release_merge_memory(model) == weight_bytes
+    assert all(layer.spare() is None for layer in layers)
+
+
+def test_kept_memory_is_dropped_when_the_model_moves_or_changes_dtype():
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a")
+    deltaw.merge(model)
+    deltaw.unmerge(model)
+    model.to(torch.float64)
+    assert all(layer.spare() is None for layer in deltaw.state(model).layers.values())
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    deltaw.merge(model)
+    assert all(layer.base_layer.weight.dtype == torch.float64 for layer in deltaw.state(model).layers.values())
+    deltaw.unmerge(model)
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
+
+
+def test_refused_merge_into_kept_memory_changes_nothing():
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    deltaw.merge(model, "a")
+    deltaw.unmerge(model)
+    last = sorted(deltaw.state(model).layers)[-1]
+    with torch.no_grad():
+        deltaw.state(model).layers[last].lora_A["b"][0, 0] = float("nan")
+    with pytest.raises(deltaw.NonFiniteError):
+        deltaw.merge(model, "b")
+    assert deltaw.merged(model) == ()
+    assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items() if ".lora_" not in k)
+    deltaw.merge(model, "a")  # the kept memory held rejected values; a good merge overwrites all of it
+    x = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        merged = model(x).logits
+        deltaw.unmerge(model)
+        with deltaw.using(model, "a"):
+            live = model(x).logits
+    assert (merged - live).abs().max() < 1e-5
