@@ -39,12 +39,13 @@ def _put(params: nn.ParameterDict, name: str, value: nn.Parameter) -> None:
     """``params[name] = value`` without ``nn.Module.__setattr__``'s checks when they cannot fire (a name that
     is no attribute of the dict, no global registration hook): loading 420 factors spends more time in those
     checks than in reading the file. Anything unusual takes the checked path."""
-    if (name in params._parameters or name in params.__dict__ or hasattr(type(params), name)
-            or name in params._buffers or name in params._modules
-            or _nn_module._global_parameter_registration_hooks):
+    keys = params.__dict__.get("_keys")  # the dict's key order (torch >= 1.12); anything else: checked path
+    if (not isinstance(keys, dict) or name in params._parameters or name in params.__dict__
+            or hasattr(type(params), name) or name in params._buffers or name in params._modules
+            or getattr(_nn_module, "_global_parameter_registration_hooks", None)):
         params[name] = value
         return
-    params._keys[name] = None
+    keys[name] = None
     params._parameters[name] = value
 
 
@@ -56,9 +57,13 @@ def _absmax(t: torch.Tensor) -> float:
 
 
 def _drop(params: nn.ParameterDict, name: str) -> None:
-    """``del params[name]`` for an entry ``_put`` added (a plain parameter entry)."""
-    del params._keys[name]
-    del params._parameters[name]
+    """``del params[name]``, without ``nn.Module.__delattr__`` for an entry ``_put`` added directly."""
+    keys = params.__dict__.get("_keys")
+    if isinstance(keys, dict) and name in keys and name in params._parameters:
+        del keys[name]
+        del params._parameters[name]
+    else:
+        del params[name]
 
 
 class LoraLayer(nn.Module, metaclass=ABCMeta):
@@ -324,6 +329,14 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def drop_spare(self) -> None:
         """Drop the kept merge memory (see ``set_merged``)."""
         object.__setattr__(self, "_spare", None)
+
+    def __getstate__(self) -> dict:
+        """Pickling / deepcopy leave out the caches (kept merge memory, the max |W0| bound with its weak
+        reference, which cannot be pickled): they are rebuilt on demand."""
+        state = self.__dict__.copy()
+        state["_spare"] = None
+        state["_w0_bound"] = None
+        return state
 
     def _apply(self, fn, recurse=True):  # keep the pristine copy on the same device/dtype as the module
         result = super()._apply(fn, recurse)

@@ -75,9 +75,9 @@ class AdapterStore:
         """The adapter directory for ``name``, or an APIError: invalid name, not found, or escaping the root."""
         try:
             check_name(name)
-        except AdapterNameError:
-            raise APIError(400, f"invalid model name {name!r}: adapter names are 1-64 letters, digits, '_' or "
-                                "'-' (no dots, slashes or spaces)", param="model", code="invalid_model_name") from None
+        except AdapterNameError as exc:
+            raise APIError(400, f"invalid model name: {str(exc).removeprefix('unsafe adapter name ')}",
+                           param="model", code="invalid_model_name") from None
         if self.root is None:
             raise model_not_found(name, "this server has no adapters directory")
         candidate = self.root / name

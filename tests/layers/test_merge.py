@@ -318,3 +318,27 @@ def test_refused_merge_into_kept_memory_changes_nothing():
         with deltaw.using(model, "a"):
             live = model(x).logits
     assert (merged - live).abs().max() < 1e-5
+
+
+def test_model_with_merge_caches_pickles_and_deepcopies_without_them():
+    """torch.save(model) failed once a merge had cached its max |W0| bound (a weak reference); a deepcopy
+    copied the kept merge memory."""
+    import copy
+    import io
+
+    model = tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
+    randomize(model, "a")
+    deltaw.merge(model, "a")
+    deltaw.unmerge(model)
+    deltaw.merge(model, "a")  # merged, with a bound cached; spare consumed
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)  # our own bytes, written just above
+    deltaw.unmerge(model)
+    deltaw.unmerge(loaded)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    twin = copy.deepcopy(model)
+    assert all(layer.spare() is None for layer in deltaw.state(twin).layers.values())
+    assert all(layer.spare() is not None for layer in deltaw.state(model).layers.values())

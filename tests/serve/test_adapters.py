@@ -99,15 +99,18 @@ def test_path_traversal_and_symlink_escape_rejected(private_root, tmp_path, toke
     outside = tmp_path / "outside"
     shutil.copytree(private_root / "a0", outside / "evil")
     os.symlink(outside / "evil", private_root / "escape")  # a directory link out of the root
-    (private_root / "half").mkdir()  # files linked out of the root
-    os.symlink(outside / "evil" / "adapter_config.json", private_root / "half" / "adapter_config.json")
-    os.symlink(outside / "evil" / "adapter_model.safetensors", private_root / "half" / "adapter_model.safetensors")
+    (private_root / "linked_files").mkdir()  # files linked out of the root
+    os.symlink(outside / "evil" / "adapter_config.json", private_root / "linked_files" / "adapter_config.json")
+    os.symlink(outside / "evil" / "adapter_model.safetensors",
+               private_root / "linked_files" / "adapter_model.safetensors")
     os.symlink(private_root / "a1", private_root / "alias")  # a link that stays inside is fine
     server, thread, url = start_server(private_root, tokenizer)
     try:
         for name in ("../outside/evil", "/etc/passwd", "a0/../a1", "..", ".", "a0/", "a 0", "%2e%2e", "a0\x00"):
             assert_openai_error(complete(url, name), 400, "invalid_model_name")
-        for name in ("escape", "half"):
+        body = assert_openai_error(complete(url, "keys"), 400, "invalid_model_name")  # a torch dict attribute
+        assert "ParameterDict" in body["message"]
+        for name in ("escape", "linked_files"):
             assert_openai_error(complete(url, name), 403, "adapter_outside_root")
             assert_openai_error(httpx.post(f"{url}/v1/adapters", json={"name": name}, timeout=10), 403)
         assert_openai_error(httpx.post(f"{url}/v1/adapters", json={"name": "../a0"}, timeout=10), 400)
