@@ -150,6 +150,27 @@ def test_corrupt_or_truncated_file(saved, target, how):
     assert_unchanged(target, snap)
 
 
+@pytest.mark.parametrize("shape", [[[4], 2], ["4", 2], [4, -2], 8, None])
+def test_malformed_header_shape(saved, target, shape):
+    """A header whose first tensor has a nonsense shape (nested, string, negative, not a list) is refused as
+    corrupt, never a TypeError from the fast reader."""
+    import json
+    import struct
+
+    f = saved / "adapter_model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    first = next(k for k in header if k != "__metadata__")
+    header[first]["shape"] = shape
+    raw = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match="corrupt or truncated"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
 def test_invalid_config_json(saved, target):
     (saved / "adapter_config.json").write_text("{not json")
     with pytest.raises(deltaw.AdapterFormatError, match="invalid JSON"):
