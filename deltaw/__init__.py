@@ -44,7 +44,8 @@ from .io import fingerprint, load, read_adapter, save  # noqa: E402
 
 __all__ = [
     "LoraConfig", "attach", "delete", "adapters", "activate", "deactivate", "active", "disabled", "using",
-    "merge", "unmerge", "merged", "merge_and_unload", "release_merge_memory", "save", "load", "read_adapter", "fingerprint",
+    "merge", "unmerge", "merged", "merge_and_unload", "release_merge_memory", "save", "load", "read_adapter",
+    "fingerprint",
     "adapter_parameters", "set_trainable", "count_parameters", "state",
     "DeltawError", "AdapterNameError", "TargetError", "AdapterFormatError", "NonFiniteError",
     "BaseModelMismatchError", "MergeError",

@@ -251,10 +251,11 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             )
         with torch.no_grad():
             # One fused pass per adapter (addmm into an fp32 copy of W0): merge is bound by bytes moved.
-            new = w0.float()  # layout of W0; fp32 so small updates survive bf16/fp16 bases
-            direct = out if new is w0 else None  # fp32 W0: the first addmm writes straight into out
+            # Layout of W0, at least fp32 so small updates survive bf16/fp16 bases (fp64 stays fp64).
+            new = w0.to(torch.promote_types(w0.dtype, torch.float32))
+            direct = out if new is w0 else None  # fp32/fp64 W0: the first addmm writes straight into out
             for name, weight in mine:
-                a, b = self.lora_A[name].float(), self.lora_B[name].float()
+                a, b = self._a_params[name].to(new.dtype), self._b_params[name].to(new.dtype)
                 new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0, out=direct)
             new = new.to(w0.dtype)
         # Scanning the result (a fourth of a merge's time) is needed only when no bound proves it finite; a
@@ -262,7 +263,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         # the exact per-entry check decides).
         if not self._provably_finite(mine, w0.dtype) and not (
                 torch.isfinite(new.sum(dtype=torch.float32)) or torch.isfinite(new).all()):
-            bad = [n for n, _ in mine if not (torch.isfinite(self.lora_A[n]).all() and torch.isfinite(self.lora_B[n]).all())]
+            bad = [n for n, _ in mine
+                   if not (torch.isfinite(self._a_params[n]).all() and torch.isfinite(self._b_params[n]).all())]
             why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
             raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
         return new if out is None or new is out else out.copy_(new)
@@ -278,8 +280,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         return bound < torch.finfo(dtype).max / 2
 
     def _w0_absmax(self) -> float:
-        """A bound on max |W0| (``_absmax``), remembered while W0 is the same unmodified tensor: W0 is frozen, so merging
-        again and again scans it once."""
+        """A bound on max |W0| (``_absmax``), remembered while W0 is the same unmodified tensor: W0 is frozen,
+        so merging again and again scans it once."""
         src = self._pristine if self._pristine is not None else self.base_weight()
         try:
             key = (src._version, src.data_ptr())
