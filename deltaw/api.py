@@ -54,7 +54,7 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
         out.append((path, module))
         if isinstance(module, wrappers):  # its insides count as seen (named_modules meets them here first)
             deep = isinstance(module, ModulesToSave) or module._modules["base_layer"]._modules
-            seen.update(map(id, module.modules() if deep else module.children()))
+            seen.update(map(id, module.modules() if deep else module._modules.values()))
             continue
         prefix = path + "." if path else ""
         stack.extend((prefix + k, m) for k, m in reversed(module._modules.items()) if m is not None)

@@ -368,7 +368,7 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> l
     layers = st.layers if st is not None else {}
     for path, entry in adapter.factors.items():
         layer = layers.get(path)
-        base = layer.base_layer if layer is not None else modules.get(path)
+        base = layer._modules["base_layer"] if layer is not None else modules.get(path)
         targets.append((path, base))
         if base is None:
             raise TargetError(f"adapter {name!r}: module {path!r} does not exist in this model (wrong base model?)")

@@ -161,14 +161,14 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             else:
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
                 nn.init.zeros_(b)
-        _put(self.lora_A, name, nn.Parameter(a, requires_grad=trainable))
-        _put(self.lora_B, name, nn.Parameter(b, requires_grad=trainable))
+        _put(self._modules["lora_A"], name, nn.Parameter(a, requires_grad=trainable))
+        _put(self._modules["lora_B"], name, nn.Parameter(b, requires_grad=trainable))
         self.scaling[name] = scaling
         self.dropout_p[name] = dropout
 
     def delete_adapter(self, name: str) -> None:
-        _drop(self.lora_A, name)
-        _drop(self.lora_B, name)
+        _drop(self._modules["lora_A"], name)
+        _drop(self._modules["lora_B"], name)
         del self.scaling[name]
         del self.dropout_p[name]
 
