@@ -1,6 +1,7 @@
 """Bad input: every failure names the problem, and a failed load leaves the model exactly as it was."""
 
 import json
+import struct
 
 import pytest
 import torch
@@ -154,9 +155,6 @@ def test_corrupt_or_truncated_file(saved, target, how):
 def test_malformed_header_shape(saved, target, shape):
     """A header whose first tensor has a nonsense shape (nested, string, negative, not a list) is refused as
     corrupt, never a TypeError from the fast reader."""
-    import json
-    import struct
-
     f = saved / "adapter_model.safetensors"
     data = f.read_bytes()
     n = struct.unpack("<Q", data[:8])[0]

@@ -1,5 +1,8 @@
 """Merge/unmerge identities: bit-exact restoration for every dtype, refusal of NaN/inf, tied weights, meta."""
 
+import copy
+import io
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -323,9 +326,6 @@ def test_refused_merge_into_kept_memory_changes_nothing():
 def test_model_with_merge_caches_pickles_and_deepcopies_without_them():
     """torch.save(model) failed once a merge had cached its max |W0| bound (a weak reference); a deepcopy
     copied the kept merge memory."""
-    import copy
-    import io
-
     model = tiny_llama()
     deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
     randomize(model, "a")
