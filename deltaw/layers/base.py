@@ -303,7 +303,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
 
     def spare(self) -> torch.Tensor | None:
         """Memory a merge may write its result into (``merged_weight(out=...)``): the weight the last unmerge
-        took out, when it still fits W0; None otherwise."""
+        took out, when it still fits W0 (one that no longer does is dropped here); None otherwise."""
         spare, w0 = self._spare, self.base_weight()
         if spare is None or self._pristine is not None:
             return None
