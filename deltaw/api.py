@@ -61,17 +61,13 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def _candidates(model: nn.Module, named: Sequence[tuple[str, nn.Module]] | None = None,
+def _candidates(named: Sequence[tuple[str, nn.Module]],
                 where: Callable[[str], bool] | None = None) -> Iterator[tuple[str, nn.Module]]:
-    """(path, base module) for every module that could be adapted; wrappers report their base layer.
-    ``named``: ``_walk(model)`` (or ``named_modules``) when the caller already walked the tree; ``where``: a path
-    filter, applied before the (slower) type check."""
-    skip = None  # named_modules is pre-order: a wrapper's descendants directly follow it, so one prefix suffices
-    for path, module in (named if named is not None else model.named_modules()):
-        if skip is not None and path.startswith(skip):
-            continue
+    """(path, base module) for every module of ``named`` (a ``_walk``, which never enters a wrapper) that
+    could be adapted; wrappers report their base layer. ``where``: a path filter, applied before the (slower)
+    type check."""
+    for path, module in named:
         if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip = path + "."
             if isinstance(module, LoraLayer) and (where is None or where(path)):
                 yield path, module.base_layer
             continue
@@ -120,7 +116,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (path, base module) pairs ``config`` selects, or a TargetError listing what could be targeted."""
     named = _walk(model)  # one walk of the tree serves both passes below
-    candidates = list(_candidates(model, named))
+    candidates = list(_candidates(named))
     if config.target_modules == ALL_LINEAR:
         head = _output_head(model)
         chosen = [(p, m) for p, m in candidates if layer_class_for(m) in (LoraLinear, LoraConv1D)

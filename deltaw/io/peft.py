@@ -391,7 +391,7 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> l
         exclude = adapter.peft.get("exclude_modules") or ()
         exclude = exclude if isinstance(exclude, str) else tuple(exclude)
         keep = set(adapter.peft.get("modules_to_save") or ())
-        wanted = {p for p, m in api._candidates(model, named, where=functools.partial(api._matches, spec))
+        wanted = {p for p, m in api._candidates(named, where=functools.partial(api._matches, spec))
                   if not (exclude and api._matches(exclude, p)) and not api._matches(tuple(keep), p)}
         missing = sorted(wanted - set(adapter.factors))
         if missing:

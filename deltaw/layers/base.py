@@ -49,13 +49,6 @@ def _put(params: nn.ParameterDict, name: str, value: nn.Parameter) -> None:
     params._parameters[name] = value
 
 
-def _absmax(t: torch.Tensor) -> float:
-    """An upper bound on max |t| (|min| + |max|: NaN-propagating, unlike Python's max) without a full-size
-    temporary; NaN if t holds one."""
-    lo, hi = torch.aminmax(t.detach())
-    return abs(float(lo)) + abs(float(hi))
-
-
 def _drop(params: nn.ParameterDict, name: str) -> None:
     """``del params[name]``, without ``nn.Module.__delattr__`` for an entry ``_put`` added directly."""
     keys = params.__dict__.get("_keys")
@@ -64,6 +57,13 @@ def _drop(params: nn.ParameterDict, name: str) -> None:
         del params._parameters[name]
     else:
         del params[name]
+
+
+def _absmax(t: torch.Tensor) -> float:
+    """An upper bound on max |t| (|min| + |max|: NaN-propagating, unlike Python's max) without a full-size
+    temporary; NaN if t holds one."""
+    lo, hi = torch.aminmax(t.detach())
+    return abs(float(lo)) + abs(float(hi))
 
 
 class LoraLayer(nn.Module, metaclass=ABCMeta):
