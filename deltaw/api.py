@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterNameError, MergeError, TargetError
+from .errors import AdapterNameError, MergeError, NonFiniteError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
 from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
@@ -113,6 +113,14 @@ def _output_head(model: nn.Module) -> nn.Module | None:
     return getter() if callable(getter) else None
 
 
+#: torch modules whose forward reads these children's weights itself (fused fast paths), bypassing their forward.
+_READS_CHILD_WEIGHTS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
+    (nn.MultiheadAttention, ("out_proj",)),
+    (nn.TransformerEncoderLayer, ("linear1", "linear2")),
+    (nn.TransformerDecoderLayer, ("linear1", "linear2")),
+)
+
+
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (path, base module) pairs ``config`` selects, or a TargetError listing what could be targeted."""
     named = _walk(model)  # one walk of the tree serves both passes below
@@ -126,6 +134,15 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
     if config.exclude_modules:
         chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, p)]
     chosen = [(p, m) for p, m in chosen if not _matches(config.modules_to_save, p)]
+    # Layers whose parent reads their weight itself: a wrapper there would break the parent or be bypassed.
+    fused = {id(getattr(m, child)): type(m).__name__ for _, m in named for kind, children in _READS_CHILD_WEIGHTS
+             if isinstance(m, kind) for child in children}
+    blocked = [(p, fused[id(m)]) for p, m in chosen if id(m) in fused]
+    if blocked and config.target_modules != ALL_LINEAR:
+        raise TargetError(f"module {blocked[0][0]!r} belongs to torch's nn.{blocked[0][1]}, whose forward reads "
+                          "its weight directly (fused kernels), so it cannot be wrapped; leave it out "
+                          "(exclude_modules) or target other layers")
+    chosen = [(p, m) for p, m in chosen if id(m) not in fused]
     # Any module named by target_modules that exists but has an unsupported type is an error, not a skip.
     if not isinstance(config.target_modules, str):
         for path, module in named:
@@ -205,47 +222,51 @@ def _attach_to(model: nn.Module, config: LoraConfig, name: str, targets: list[tu
     # Phase 2: apply; undo everything on failure.
     first_attach = model.__dict__.get(_STATE_ATTR) is None
     if first_attach:
-        for p in model.parameters():
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        for p, _ in frozen:
             p.requires_grad_(False)
         model.__dict__[_STATE_ATTR] = st
-    done: list[tuple[str, LoraLayer, bool]] = []
-    saved_done: list[tuple[str, ModulesToSave, bool]] = []
+    wrapped: list[tuple[str, LoraLayer | ModulesToSave]] = []  # installed now: unwrapped on failure
+    added: list[LoraLayer | ModulesToSave] = []  # carry the adapter now: it is deleted on failure
     try:
         for path, layer, is_new in plan:
             if is_new:
                 _set_submodule(model, path, layer)
                 st.layers[path] = layer
+                wrapped.append((path, layer))
             layer.add_adapter(name, config.rank_for(path), config.scaling_for(path), config.dropout, config.init,
                               factors.get(path) if factors is not None else None, trainable)
-            done.append((path, layer, is_new))
+            added.append(layer)
         for path in saved_paths:
             wrapper = st.saved_modules.get(path)
-            is_new = wrapper is None
-            if is_new:
+            if wrapper is None:
                 wrapper = ModulesToSave(model.get_submodule(path), st)
                 _set_submodule(model, path, wrapper)
                 st.saved_modules[path] = wrapper
+                wrapped.append((path, wrapper))
             wrapper.add_adapter(name)
-            saved_done.append((path, wrapper, is_new))
+            added.append(wrapper)
     except BaseException:
-        for path, layer, is_new in reversed(done):
-            layer.delete_adapter(name)
-            if is_new:
-                _set_submodule(model, path, layer.base_layer)
+        for module in reversed(added):
+            module.delete_adapter(name)
+        for path, module in reversed(wrapped):
+            if isinstance(module, LoraLayer):
+                _set_submodule(model, path, module.base_layer)
                 del st.layers[path]
-        for path, wrapper, is_new in reversed(saved_done):
-            wrapper.delete_adapter(name)
-            if is_new:
-                _set_submodule(model, path, wrapper.original_module)
+            else:
+                _set_submodule(model, path, module.original_module)
                 del st.saved_modules[path]
         if first_attach:
             del model.__dict__[_STATE_ATTR]
+            for p, flag in frozen:
+                p.requires_grad_(flag)
         raise
     info = AdapterInfo(name=name, config=config, modules=tuple(p for p, _, _ in plan), metadata={})
     st.adapters[name] = info
-    for _, wrapper, _ in saved_done:  # the LoRA factors were created with requires_grad=trainable
-        for p in wrapper.modules_to_save[name].parameters():
-            p.requires_grad_(trainable)
+    for module in added:  # the LoRA factors were created with requires_grad=trainable
+        if isinstance(module, ModulesToSave):
+            for p in module.modules_to_save[name].parameters():
+                p.requires_grad_(trainable)
     if activate and not st.active:
         st.set_active(((name, 1.0),))
     return info
@@ -304,13 +325,38 @@ def normalize(spec: AdapterSpec) -> Weighted:
     if isinstance(spec, str):
         return ((spec, 1.0),)
     if isinstance(spec, Mapping):
-        items = tuple((str(k), float(v)) for k, v in spec.items())
+        items = tuple((_spec_name(k), _spec_weight(k, v)) for k, v in spec.items())
     else:
-        items = tuple((str(k), 1.0) for k in spec)
+        items = tuple((_spec_name(k), 1.0) for k in spec)
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
         raise AdapterNameError(f"adapter listed twice in {names}")
     return items
+
+
+def _spec_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise AdapterNameError(f"adapter names are strings, got {type(name).__name__} {name!r}")
+    return name
+
+
+_MAX_WEIGHT = torch.finfo(torch.float32).max  # weights scale fp32 factors; beyond this they are inf there
+
+
+def _spec_weight(name: str, weight: object) -> float:
+    """A stacking weight as a float, refused unless finite (a NaN weight would be silently ignored by some
+    BLAS paths and poison others) and representable in fp32."""
+    try:
+        if isinstance(weight, (bool, str, bytes)):
+            raise TypeError
+        value = float(weight)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"the weight of adapter {name!r} must be a real number, got "
+                        f"{type(weight).__name__} {weight!r}") from None
+    if not abs(value) <= _MAX_WEIGHT:
+        raise NonFiniteError(f"the weight of adapter {name!r} is {value!r}: weights must be finite (and within "
+                             "fp32 range)")
+    return value
 
 
 def activate(model: nn.Module, spec: AdapterSpec) -> None:
@@ -355,10 +401,11 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
     """Make the base weights equal W0 + Σ_target wᵢ·sᵢ·ΔWᵢ, all-or-nothing.
 
     A layer that holds merged weights and stays merged is recomputed from W0 into the weight it already has
-    (no allocation: re-weighting, adding an adapter or switching with ``replace`` moves no memory); the others
-    get their result in the memory an earlier unmerge kept (``keep_memory``, CPU) or in new tensors, installed
-    only once every layer succeeded. If a layer fails, the ones rewritten in place are recomputed for the
-    previous target, so a refused merge still changes nothing."""
+    (no allocation: re-weighting, adding an adapter or switching with ``replace`` moves no memory), provided
+    nothing was written into its merged adapters since their merge; the others get their result in the memory
+    an earlier unmerge kept (``keep_memory``, CPU) or in new tensors, installed only once every layer
+    succeeded. If a layer fails, the ones rewritten in place are recomputed for the previous target from the
+    same factors, bit for bit, so a refused merge still changes nothing."""
     touched = sorted({p for n, _ in set(st.merged) | set(target) for p in st.adapters[n].modules})
     carried = {n for n, _ in target}
     rewritten: list[str] = []
@@ -366,7 +413,8 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
     try:
         for path in touched:
             layer = st.layers[path]
-            if layer.merged and carried & layer.lora_A._parameters.keys():
+            # In place only where the weight there can be recomputed exactly if this merge is refused.
+            if carried & layer.lora_A._parameters.keys() and layer.rewritable(st.merged):
                 rewritten.append(path)
                 layer.merged_weight(target, out=layer.base_layer.weight.data)
             else:
@@ -377,6 +425,8 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
         raise
     for path, weight in new_weights.items():
         st.layers[path].set_merged(weight, keep_memory)
+    for path in touched:
+        st.layers[path].mark_installed(target)
     st.set_merged(target)
 
 
@@ -437,8 +487,11 @@ def merge_and_unload(model: nn.Module, spec: AdapterSpec = None) -> nn.Module:
     every wrapper replaced by its base layer, no adapter state left. Saved modules keep the active copy."""
     st = state(model)
     if spec is not None:
+        target = normalize(spec)
+        for n, _ in target:
+            st.require(n)
         with torch.no_grad():
-            _apply_merged(st, normalize(spec))
+            _apply_merged(st, target)
     elif not st.merged and st.active:
         merge(model)
     keep_heads = [n for n, _ in (normalize(spec) if spec is not None else st.merged or st.active)]

@@ -147,3 +147,85 @@ def test_walk_is_named_modules_without_wrapper_insides(case):
     assert [p for p, _ in got] == [p for p, _ in expected]
     assert all(a is b for (_, a), (_, b) in zip(got, expected))
     assert len(got) < len(list(model.named_modules()))
+
+
+@pytest.mark.parametrize("weight, error", [
+    (float("nan"), deltaw.NonFiniteError), (float("inf"), deltaw.NonFiniteError), (1e39, deltaw.NonFiniteError),
+    ("x", TypeError), ("0.5", TypeError), (True, TypeError), (None, TypeError),
+])
+def test_stack_weights_must_be_finite_real_numbers(weight, error):
+    """A NaN weight was accepted: merge then reported ('a', nan) with weights changed as if it were 1 (MKL's
+    addmm ignores a NaN alpha on large matrices), and 1e39 failed inside torch's scalar conversion."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    w0 = model[0].base_layer.weight.clone()
+    for call in (deltaw.activate, deltaw.merge, deltaw.merge_and_unload):
+        with pytest.raises(error, match="'a'"):
+            call(model, {"a": weight})
+    assert deltaw.active(model) == (("a", 1.0),) and deltaw.merged(model) == ()
+    assert torch.equal(model[0].base_layer.weight, w0)
+
+
+def test_adapter_names_in_a_spec_must_be_strings():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    for spec in ([1], {1: 1.0}, [None]):
+        with pytest.raises(deltaw.AdapterNameError, match="strings"):
+            deltaw.activate(model, spec)
+
+
+def test_merge_and_unload_names_an_unknown_adapter():
+    """It raised a bare KeyError from deep inside the merge."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    with pytest.raises(deltaw.AdapterNameError, match="unknown adapter 'nope'"):
+        deltaw.merge_and_unload(model, "nope")
+    assert deltaw.adapters(model) == ["a"]
+
+
+def test_layers_that_torch_transformer_blocks_read_directly_are_left_alone():
+    """nn.MultiheadAttention reads out_proj.weight itself, nn.TransformerEncoderLayer linear1/linear2 on its
+    fast path: "all-linear" wrapped them and the first forward died with a bare AttributeError. They are
+    skipped by "all-linear" and refused by name, with the reason."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1),
+        torch.nn.Linear(16, 3),
+    ).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        base = model(x)
+    info = deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules="all-linear"), "a")
+    assert info.modules == ("1",)
+    randomize(model, "a")
+    with torch.no_grad():
+        assert not torch.allclose(model(x), base)
+        with deltaw.disabled(model):
+            torch.testing.assert_close(model(x), base)
+    for target, owner in (["out_proj"], "MultiheadAttention"), (["linear2", "1"], "TransformerEncoderLayer"):
+        with pytest.raises(deltaw.TargetError, match=owner):
+            deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=target), "b")
+    assert deltaw.adapters(model) == ["a"]
+
+
+def test_failed_attach_leaves_no_wrapper_and_restores_requires_grad():
+    """The layer whose factors were refused stayed wrapped (only the layers before it were unwrapped), and a
+    failed first attach left every base parameter frozen."""
+    from deltaw.layers import LoraLayer
+    from toy_models import tiny_llama
+
+    model = tiny_llama()
+    model.lm_head.weight.requires_grad_(False)  # a mix of flags to restore
+    flags = [p.requires_grad for p in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = deltaw.LoraConfig(r=4, target_modules=["q_proj"])
+    paths = [p for p, _ in model.named_modules() if p.endswith("q_proj")]
+    a, b = (torch.zeros(4, 32), torch.zeros(32, 4))
+    with pytest.raises(ValueError, match="do not fit rank"):
+        deltaw.attach(model, config, "a", factors={paths[0]: (a, b), paths[1]: (torch.zeros(4, 31), b)})
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    assert "_deltaw_state" not in model.__dict__
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    deltaw.attach(model, config, "a")  # and the model still takes an adapter

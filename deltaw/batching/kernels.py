@@ -90,9 +90,13 @@ def layer_kind(layer: LoraLayer) -> str:
 
 
 def _identity(layer: LoraLayer, name: str) -> tuple:
-    """What a pack of this adapter depends on: storage, in-place version (optimizer steps, copy_), scaling."""
+    """What a pack of this adapter depends on: which factors (``serial``: an adapter deleted and loaded again
+    under its name may land in the same memory with the same version counters), their storage and in-place
+    version (optimizer steps, ``copy_``), dtype, device and scaling. Writes through ``.data`` bump no version
+    counter: call ``clear_cache()`` after them."""
     a, b = layer.lora_A._parameters[name], layer.lora_B._parameters[name]
-    return (name, a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype, a.device, layer.scaling[name])
+    return (name, layer.serial[name], a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype, a.device,
+            layer.scaling[name])
 
 
 class LayerRows:

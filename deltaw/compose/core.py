@@ -195,7 +195,9 @@ def compose(model: nn.Module, weights: Mapping[str, float], method: str = "linea
             raise ValueError(f"nothing to compose: every weight in {weights} is 0")
         results = _combine(terms, max_ranks, method, rank=rank, density=density, drop_rate=drop_rate, seed=seed)
     config = _config_for(results, list(results))
-    info = api.attach(model, config, name, trainable=False, activate=False)
+    # Onto exactly these modules: the paths as target_modules would also pull in modules they are suffixes of.
+    targets = [(path, st.layers[path].base_layer) for path in results]
+    info = api._attach_to(model, config, name, targets, trainable=False, activate=False, factors=None)
     try:
         with torch.no_grad():
             for path, res in results.items():

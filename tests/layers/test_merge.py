@@ -99,9 +99,11 @@ def test_merge_refuses_overflow_in_fp16():
     assert torch.equal(model[0].base_layer.weight, w0) and deltaw.merged(model) == ()
 
 
-def test_overflow_check_sees_a_base_weight_changed_after_an_earlier_merge():
-    """The bound on max |W0| is remembered between merges; writing into W0 must invalidate it, else a merge
-    that overflows fp16 would pass unchecked."""
+@pytest.mark.parametrize("through_data", [False, True])
+def test_overflow_check_sees_a_base_weight_changed_after_an_earlier_merge(through_data):
+    """Nothing about W0 may be remembered between merges that a write into it could leave stale (a write
+    through ``.data`` does not even bump the parameter's version counter), else a merge that overflows fp16
+    would pass unchecked."""
     model = nn.Sequential(nn.Linear(4, 4)).half()
     deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["0"]), "a")
     with torch.no_grad():
@@ -110,11 +112,29 @@ def test_overflow_check_sees_a_base_weight_changed_after_an_earlier_merge():
     deltaw.merge(model, "a")
     deltaw.unmerge(model)
     with torch.no_grad():
-        model[0].base_layer.weight[1, 2] = 65400.0  # + 200 > fp16 max (65504)
+        w = model[0].base_layer.weight
+        (w.data if through_data else w)[1, 2] = 65400.0  # + 200 > fp16 max (65504)
     w0 = model[0].base_layer.weight.clone()
     with pytest.raises(deltaw.NonFiniteError, match="overflow"):
         deltaw.merge(model, "a")
     assert torch.equal(model[0].base_layer.weight, w0) and deltaw.merged(model) == ()
+
+
+@pytest.mark.parametrize("dtype, big", [(torch.float32, 3e38), (torch.float16, 40000.0), (torch.bfloat16, 3e38)])
+def test_merge_accepts_finite_weights_whose_row_sums_overflow(dtype, big):
+    """The finiteness check sums rows first; a row of large finite entries overflows that sum, and the merge
+    must still go through (the exact per-entry test decides), bit-equal to W0 + ΔW."""
+    model = nn.Sequential(nn.Linear(4, 4)).to(dtype)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["0"]), "a")
+    with torch.no_grad():
+        model[0].base_layer.weight[2] = big
+        model[0].lora_A["a"].fill_(0.5)
+        model[0].lora_B["a"].fill_(-0.25)  # ΔW = -0.25 everywhere
+    w0 = model[0].base_layer.weight.clone()
+    deltaw.merge(model, "a")
+    assert torch.equal(model[0].base_layer.weight, (w0.double() - 0.25).to(dtype))
+    deltaw.unmerge(model)
+    assert torch.equal(model[0].base_layer.weight, w0)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -209,9 +229,9 @@ def test_replace_switches_the_merged_adapter_in_place_and_exactly(dtype):
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
 
 
-def test_failed_merge_over_merged_weights_restores_them():
-    """A NaN found halfway through re-merging in place: the layers already rewritten get their previous
-    merged values back (the NaN layer is the last one, so every other layer was rewritten first)."""
+def _a_merged_and_b_infinite_in_its_last_layer():
+    """"a" merged, "b" holding an inf in the layer merged last (so every other layer is rewritten first);
+    returns the model and its base weights."""
     model = tiny_llama()
     deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
     deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "b")
@@ -219,9 +239,15 @@ def test_failed_merge_over_merged_weights_restores_them():
     randomize(model, "b", seed=2)
     deltaw.merge(model, "a")
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
-    last = sorted(deltaw.state(model).layers)[-1]
     with torch.no_grad():
-        deltaw.state(model).layers[last].lora_B["b"][0, 0] = float("inf")
+        deltaw.state(model).layers[sorted(deltaw.state(model).layers)[-1]].lora_B["b"][0, 0] = float("inf")
+    return model, before
+
+
+def test_failed_merge_over_merged_weights_restores_them():
+    """A NaN found halfway through re-merging in place: the layers already rewritten get their previous
+    merged values back (the NaN layer is the last one, so every other layer was rewritten first)."""
+    model, before = _a_merged_and_b_infinite_in_its_last_layer()
     for spec, kwargs in (("b", {}), ("b", {"replace": True}), ({"a": 2.0}, {}), ({"a": 1.0, "b": 1.0}, {})):
         if spec == {"a": 2.0}:
             deltaw.merge(model, spec)  # a legitimate in-place re-weight, then back
@@ -232,6 +258,25 @@ def test_failed_merge_over_merged_weights_restores_them():
         now = model.state_dict()
         assert all(torch.equal(now[k], v) for k, v in before.items())
         assert deltaw.merged(model) == (("a", 1.0),)
+
+
+def test_refused_merge_restores_weights_even_after_a_merged_adapter_was_edited():
+    """The rollback of a refused in-place re-merge recomputed the rewritten layers from the factors as they
+    are now: after an edit to the merged adapter it installed a weight nobody had merged (and a NaN written
+    there made the rollback itself fail, leaving rejected values in place)."""
+    model, before = _a_merged_and_b_infinite_in_its_last_layer()
+    layers = deltaw.state(model).layers
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_B["a"].mul_(2.0)  # an edit after the merge: the merged weights no longer follow "a"
+        layers[sorted(layers)[0]].lora_A["a"][0, 0] = float("nan")
+    for spec, kwargs in (("b", {}), ("b", {"replace": True}), ({"a": 1.0, "b": 1.0}, {})):
+        with pytest.raises(deltaw.NonFiniteError):
+            deltaw.merge(model, spec, **kwargs)
+        now = model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in before.items())
+        assert deltaw.merged(model) == (("a", 1.0),)
+    deltaw.unmerge(model)
 
 
 def _base_ptrs(model):
