@@ -78,6 +78,10 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
             raise bad_request(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
 
 
+# Matching a stop string costs O(len²) per generated token (StopMatcher.safe_end), run on the event loop.
+MAX_STOP_CHARS = 1000
+
+
 def gen_params(body: dict[str, Any], *, default_max_tokens: int | None, max_tokens_limit: int, max_n: int,
                chat: bool) -> GenParams:
     refuse_unsupported(body)
@@ -108,6 +112,8 @@ def gen_params(body: dict[str, Any], *, default_max_tokens: int | None, max_toke
         raise bad_request("'stop' must be a string or a list of at most 4 strings", param="stop")
     if any(not s for s in stops):
         raise bad_request("'stop' strings must not be empty", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise bad_request(f"'stop' strings must be at most {MAX_STOP_CHARS} characters", param="stop")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad_request("'seed' must be an integer", param="seed")

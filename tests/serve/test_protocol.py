@@ -51,6 +51,19 @@ def test_gen_params_defaults_follow_openai():
     assert p.max_tokens == 5 and p.explicit_max_tokens
 
 
+def test_stop_strings_are_bounded():
+    """A 1 MB stop string was accepted: holding back its partial matches costs O(len²) per token on the
+    server's event loop."""
+    from deltaw.serve.errors import APIError
+    from deltaw.serve.protocol import MAX_STOP_CHARS
+
+    kw = dict(default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=False)
+    assert gen_params({"model": "x", "stop": "a" * MAX_STOP_CHARS}, **kw).stop == ["a" * MAX_STOP_CHARS]
+    with pytest.raises(APIError, match="at most 1000 characters") as err:
+        gen_params({"model": "x", "stop": ["END", "a" * (MAX_STOP_CHARS + 1)]}, **kw)
+    assert err.value.status == 400
+
+
 def test_metrics_text_format_escapes_and_accumulates():
     c = Counter("x_total", "help", ("adapter",))
     c.inc(adapter='we"ird\\name\n')
