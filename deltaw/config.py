@@ -35,20 +35,31 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)  # per-module alpha overrides.
     use_rslora: bool = False  # alpha / sqrt(r) (Kalajdzievski 2023) only when asked: PEFT's default is alpha / r.
     init: Literal["kaiming", "gaussian"] = "kaiming"  # §4.1: A random, B zero, so ΔW = 0 at the start.
-    modules_to_save: tuple[str, ...] = ()  # extra modules trained in full and saved with the adapter (a new head).
+    # Extra modules trained in full and saved with the adapter (a new head); names or dotted suffixes, as above.
+    # One string is one name (not a regex: PEFT matches modules_to_save by name only).
+    modules_to_save: tuple[str, ...] | str = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.modules_to_save, str):
+            object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "rank_pattern", dict(self.rank_pattern))
-        object.__setattr__(self, "alpha_pattern", dict(self.alpha_pattern))
+            if isinstance(value, (list, tuple, set, frozenset)):
+                value = tuple(sorted(value, key=str)) if isinstance(value, (set, frozenset)) else tuple(value)
+                object.__setattr__(self, name, value)
+            if not isinstance(value, (str, tuple)) or isinstance(value, tuple) and not all(
+                    isinstance(v, str) for v in value):
+                raise ValueError(f"LoraConfig.{name} must be a list of module names or a string, got {value!r}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ValueError(f"LoraConfig.{name} must be a mapping of module-name regexes, got {value!r}")
+            object.__setattr__(self, name, dict(value))
         _check_rank("r", self.r)
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+        if not (_is_number(self.alpha) and math.isfinite(self.alpha) and self.alpha > 0):
             raise ValueError(f"LoraConfig.alpha must be a finite positive number, got {self.alpha!r}")
-        if not (0.0 <= self.dropout < 1.0):
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ValueError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if not self.target_modules:
@@ -58,8 +69,8 @@ class LoraConfig:
             _check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
             _check_regex("alpha_pattern", key)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"alpha_pattern[{key!r}] must be a finite positive number, got {value!r}")
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a finite positive number, got {value!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str) and value != ALL_LINEAR:
@@ -85,13 +96,20 @@ def _pattern_value(pattern: Mapping, module_name: str, default):
     return default
 
 
+def _is_number(value: object) -> bool:
+    """int or float but not bool: ``alpha=True`` is a mistake, not 1.0."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_rank(what: str, r) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise ValueError(f"LoraConfig.{what} must be a positive integer, got {r!r}")
 
 
 def _check_regex(what: str, pattern: str) -> None:
+    if not isinstance(pattern, str):
+        raise ValueError(f"LoraConfig.{what}: keys must be regex strings, got {pattern!r}")
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, RecursionError, OverflowError) as exc:
         raise ValueError(f"LoraConfig.{what}: {pattern!r} is not a valid regex ({exc})") from None

@@ -27,9 +27,9 @@ Weighted = tuple[tuple[str, float], ...]
 @functools.cache
 def _reserved() -> frozenset[str]:
     """Attribute names of the dicts that hold an adapter's tensors (``lora_A`` is a ParameterDict, saved modules
-    a ModuleDict): an adapter called ``keys`` or ``training`` would shadow one of them."""
+    a ModuleDict): an adapter called ``keys``, ``training`` or ``__dict__`` would shadow one of them."""
     from torch import nn
-    return frozenset(n for d in (nn.ParameterDict(), nn.ModuleDict()) for n in dir(d) if not n.startswith("__"))
+    return frozenset(n for d in (nn.ParameterDict(), nn.ModuleDict()) for n in dir(d))
 
 
 def check_name(name: object) -> str:
@@ -42,6 +42,9 @@ def check_name(name: object) -> str:
     if name in _reserved():
         raise AdapterNameError(f"unsafe adapter name {name!r}: it is an attribute of torch's ParameterDict/"
                                "ModuleDict that hold the adapter's tensors; pick another name")
+    if name.startswith("__"):  # any dunder, not only those dir() lists today: Python gives them meaning
+        raise AdapterNameError(f"unsafe adapter name {name!r}: names starting with '__' are reserved for Python "
+                               "attributes; pick another name")
     return name
 
 

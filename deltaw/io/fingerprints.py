@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-import weakref
+from itertools import chain
 
 import torch
 
@@ -26,25 +26,29 @@ def _indices(n: int, device: torch.device) -> torch.Tensor:
                           device=device).round().long()
 
 
-def _sample(weight: torch.Tensor) -> torch.Tensor:
-    flat = weight.detach().reshape(-1)
-    return flat[_indices(flat.numel(), flat.device)].float().cpu()  # (k,)
+def _sampled(weights: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor, list[int]]:
+    """(paths in order, every path's samples concatenated as fp32 on the CPU, samples per path).
 
-
-def _sampled(weights: dict[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    ``torch.take`` reads the samples without flattening a non-contiguous weight, and one ``cat`` plus one copy
+    to the CPU serve all weights: ~1 ms for the 210 weights of a 135M model, so nothing needs caching."""
     paths = sorted(weights)
-    return paths, [_sample(weights[p]) for p in paths]
+    taken = [torch.take(weights[p].detach(), _indices(weights[p].numel(), weights[p].device)) for p in paths]
+    counts = [t.numel() for t in taken]
+    if len({t.device for t in taken}) > 1:  # a model split across devices: gather on the CPU first
+        taken = [t.cpu() for t in taken]
+    flat = torch.cat(taken).float().cpu() if taken else torch.empty(0)  # (Σ k,)
+    return paths, flat, counts
 
 
-def _digest(paths: list[str], samples: list[torch.Tensor]) -> str:
+def _digest(paths: list[str], flat: torch.Tensor, counts: list[int]) -> str:
     """sha256 over (path, bf16 bytes of its samples) in path order; one dtype conversion for all modules."""
-    raw = torch.cat(samples).to(torch.bfloat16).view(torch.int16).numpy().tobytes()  # precision-stable bytes
+    raw = flat.to(torch.bfloat16).view(torch.int16).numpy().tobytes()  # precision-stable bytes
     h = hashlib.sha256()
     pos = 0
-    for path, s in zip(paths, samples):
+    for path, n in zip(paths, counts):
         h.update(path.encode())
-        h.update(raw[pos:pos + 2 * s.numel()])
-        pos += 2 * s.numel()
+        h.update(raw[pos:pos + 2 * n])
+        pos += 2 * n
     return h.hexdigest()
 
 
@@ -53,14 +57,14 @@ def fingerprint(weights: dict[str, torch.Tensor]) -> dict:
     shapes = {path: list(w.shape) for path, w in sorted(weights.items())}
     if any(w.device.type == "meta" for w in weights.values()):
         return {"shapes": shapes, "sha256": None, "samples": {}}
-    paths, samples = _sampled(weights)
-    values = torch.cat(samples).tolist()
+    paths, flat, counts = _sampled(weights)
+    values = flat.tolist()
     out: dict[str, list[float]] = {}
     pos = 0
-    for path, s in zip(paths, samples):
-        out[path] = [float(f"{v:.6g}") for v in values[pos:pos + s.numel()]]
-        pos += s.numel()
-    return {"shapes": shapes, "sha256": _digest(paths, samples), "samples": out}
+    for path, n in zip(paths, counts):
+        out[path] = [float(f"{v:.6g}") for v in values[pos:pos + n]]
+        pos += n
+    return {"shapes": shapes, "sha256": _digest(paths, flat, counts), "samples": out}
 
 
 def same_base_quick(saved: dict, weights: dict[str, torch.Tensor]) -> bool:
@@ -72,30 +76,7 @@ def same_base_quick(saved: dict, weights: dict[str, torch.Tensor]) -> bool:
         w = weights.get(path)
         if w is not None and list(w.shape) != list(shape):
             return False
-    return _cached_digest(weights) == saved["sha256"]
-
-
-#: paths -> (per weight: a weak reference, its version counter and data pointer; the digest they gave).
-_DIGESTS: dict[tuple[str, ...], tuple[list[tuple[weakref.ref, int, int]], str]] = {}
-
-
-def _cached_digest(weights: dict[str, torch.Tensor]) -> str:
-    """``_digest`` of ``weights``, remembered while the very same tensors stay unmodified (same objects, same
-    version counters, same data): loading many adapters onto one base hashes its samples once."""
-    paths = tuple(sorted(weights))
-    try:
-        stamp = [(weights[p], weights[p]._version, weights[p].data_ptr()) for p in paths]
-    except RuntimeError:  # inference-mode tensors keep no version counter
-        return _digest(*_sampled(weights))
-    hit = _DIGESTS.get(paths)
-    if hit is not None and all(ref() is w and v == ver and ptr == p
-                               for (ref, v, ptr), (w, ver, p) in zip(hit[0], stamp)):
-        return hit[1]
-    digest = _digest(*_sampled(weights))
-    if len(_DIGESTS) >= 16:
-        _DIGESTS.pop(next(iter(_DIGESTS)))
-    _DIGESTS[paths] = ([(weakref.ref(w), v, p) for w, v, p in stamp], digest)
-    return digest
+    return _digest(*_sampled(weights)) == saved["sha256"]
 
 
 def compare(saved: dict, current: dict) -> str | None:
@@ -117,3 +98,22 @@ def compare(saved: dict, current: dict) -> str | None:
     if cosine >= SAME_BASE_COSINE:
         return None
     return f"sampled base weights differ (cosine similarity {cosine:.4f} < {SAME_BASE_COSINE})"
+
+
+def malformed(saved: object) -> str | None:
+    """None when ``saved`` has the structure ``fingerprint`` writes; else what is wrong with it. A fingerprint
+    is read from a file header anyone can write, and ``compare`` / ``same_base_quick`` index into it. Checked a
+    type set at a time (~0.2 ms for the 3,400 samples of a 135M model), not value by value."""
+    if not isinstance(saved, dict):
+        return f"the fingerprint is a {type(saved).__name__}, not an object"
+    shapes, samples = saved.get("shapes", {}), saved.get("samples", {})
+    if not (isinstance(shapes, dict) and set(map(type, shapes.values())) <= {list}
+            and set(map(type, chain.from_iterable(shapes.values()))) <= {int}
+            and min(chain.from_iterable(shapes.values()), default=0) >= 0):
+        return "fingerprint 'shapes' must map module paths to lists of non-negative integers"
+    if not isinstance(saved.get("sha256"), (str, type(None))):
+        return "fingerprint 'sha256' must be a hex string or null"
+    if not (isinstance(samples, dict) and set(map(type, samples.values())) <= {list}
+            and set(map(type, chain.from_iterable(samples.values()))) <= {int, float}):
+        return "fingerprint 'samples' must map module paths to lists of numbers"
+    return None

@@ -18,7 +18,7 @@ import logging
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,7 +42,25 @@ PREFIX = "base_model.model."
 # What follows the last ".lora_" of a factor key: (which factor, layer kind).
 _FACTOR_TAILS = {"A.weight": ("A", "dense"), "B.weight": ("B", "dense"),
                  "embedding_A": ("A", "embedding"), "embedding_B": ("B", "embedding")}
-UNSUPPORTED = {"use_dora": False, "bias": "none"}  # PEFT options deltaw refuses rather than silently ignores
+# PEFT options that change the adapter's maths (or the model's structure) in ways deltaw does not implement, with
+# their defaults: any other value is refused, never silently ignored (the outputs would differ from PEFT's).
+# Init-only options (init_lora_weights, loftq/eva/corda/lora_ga configs) and runtime ones need no refusal.
+UNSUPPORTED: dict[str, object] = {
+    "use_dora": False,  # DoRA: a learned magnitude per output column
+    "bias": "none", "lora_bias": False,  # trained biases on the base layer or on lora_B
+    "use_qalora": False,  # QA-LoRA pools the input in groups before lora_A
+    "layer_replication": None,  # stacks copies of base layers: the adapted model is deeper than the base
+    "alora_invocation_tokens": None,  # aLoRA adds the update only after an invocation token
+    "trainable_token_indices": None,  # trains single embedding rows: deltas deltaw does not hold
+    "target_parameters": None,  # LoRA on bare nn.Parameters (MoE experts), not on modules
+    "use_bdlora": None, "arrow_config": None, "velora_config": None,  # variants with their own forward
+    "monteclora_config": None, "kasa_config": None,
+}
+
+
+def _is_default(value: object, default: object) -> bool:
+    """PEFT writes an unused option as its default, null, false or an empty list/object."""
+    return value is None or value is False or value == default or (isinstance(value, (list, dict)) and not value)
 
 
 def _version() -> str:
@@ -123,17 +141,22 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
     meta = {"format": "pt", "deltaw": json.dumps({
         "version": _version(), "adapter_name": name,
         "fingerprint": base_fingerprint(model, info.modules), "metadata": info.metadata})}
-    config = peft_config(model, info, base_model_name_or_path)
+    config_text = json.dumps(peft_config(model, info, base_model_name_or_path), indent=2) + "\n"
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    for fname, writer in ((WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=meta)),
-                          (CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config, indent=2) + "\n"))):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{fname}.")
-        os.close(fd)
-        try:
-            writer(tmp)
+    # Both files are written under temporary names before either final name is replaced: anything that can
+    # fail (serialising, a full disk) fails while the previous pair is intact, never between the two files.
+    temps: dict[str, str] = {}
+    try:
+        for fname, writer in ((WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata=meta)),
+                              (CONFIG_NAME, lambda f: Path(f).write_text(config_text))):
+            fd, temps[fname] = tempfile.mkstemp(dir=out, prefix=f".{fname}.")
+            os.close(fd)
+            writer(temps[fname])
+        for fname, tmp in temps.items():
             os.replace(tmp, out / fname)
-        finally:
+    finally:
+        for tmp in temps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return out
@@ -165,7 +188,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor], l
             buf = torch.empty(size - 8 - n, dtype=torch.uint8)  # (bytes,)
             if f.readinto(memoryview(buf.numpy())) != buf.numel():
                 return None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: absurdly nested JSON
         return None
     if not isinstance(header, dict):
         return None
@@ -176,6 +199,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor], l
     views: dict[torch.dtype, torch.Tensor] = {}
     copies: list[torch.Tensor] = []
     layouts: dict[tuple, tuple[int, list[int]] | None] = {}  # shape -> (numel, strides); ~7 shapes per adapter
+    spans: list[tuple[int, int]] = []
     total = buf.numel()
     for key, info in header.items():
         try:
@@ -193,6 +217,7 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor], l
         if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= total \
                 or end - begin != numel * item:
             return None
+        spans.append((begin, end))
         if begin % item:  # misaligned for a view: copy this one
             tensors[key] = buf[begin:end].clone().view(dtype).view(shape)
             copies.append(tensors[key])
@@ -201,6 +226,16 @@ def _read_safetensors_fast(path: Path) -> tuple[dict, dict[str, torch.Tensor], l
         if typed is None:
             typed = views[dtype] = buf[:total - total % item].view(dtype)  # the whole buffer as this dtype
         tensors[key] = typed.as_strided(shape, strides, begin // item)  # one op per tensor
+    # The tensors must tile the data exactly, as safetensors requires: overlapping ranges would make two
+    # parameters share memory (editing one changes the other), and gaps hide bytes no check looks at.
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        if begin != pos:
+            return None
+        pos = end
+    if pos != total:
+        return None
     return meta, tensors, [*views.values(), *copies]
 
 
@@ -236,6 +271,9 @@ class AdapterFile:
     factors: dict[str, dict[str, torch.Tensor]]  # module path -> {"A": ..., "B": ..., "kind": "embedding"|"dense"}
     saved: dict[str, dict[str, torch.Tensor]]  # modules_to_save path -> its state dict
     deltaw_meta: dict
+    # targeted module path -> {param: tensor}: base-layer copies PEFT writes next to a targeted embedding
+    # (save_embedding_layers); never loaded, only checked to equal the model's own weights.
+    base_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -259,17 +297,42 @@ def _read_config(directory: Path) -> dict:
         cfg = json.loads((directory / CONFIG_NAME).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AdapterFormatError(f"{directory / CONFIG_NAME}: unreadable or invalid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{directory / CONFIG_NAME}: invalid JSON (nested too deeply)") from None
     if not isinstance(cfg, dict):
         raise AdapterFormatError(f"{directory / CONFIG_NAME}: expected a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    for key, ok in UNSUPPORTED.items():
-        if cfg.get(key, ok) not in (ok, None):
-            raise AdapterFormatError(f"{directory}: {key}={cfg[key]!r} is not supported by deltaw (only {ok!r})")
+    for key, default in UNSUPPORTED.items():
+        if not _is_default(cfg.get(key), default):
+            raise AdapterFormatError(f"{directory}: {key}={cfg[key]!r} changes the adapter's maths in a way deltaw "
+                                     f"does not implement; only {default!r} is supported")
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise AdapterFormatError(f"{directory / CONFIG_NAME}: missing required key {key!r}")
+    for key in ("target_modules", "exclude_modules", "modules_to_save"):
+        _check_names(cfg, key, directory / CONFIG_NAME, regex_ok=key != "modules_to_save")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise AdapterFormatError(f"{directory / CONFIG_NAME}: {key} must be an object mapping module names "
+                                     f"to values, got {cfg[key]!r:.80}")
     return cfg
+
+
+def _check_names(cfg: dict, key: str, where: Path, regex_ok: bool) -> None:
+    """``key`` is null, a list of module names, or (where PEFT allows one) a regex string: anything else would
+    fail later as a TypeError or re.error deep inside target matching."""
+    value = cfg.get(key)
+    if value is None or isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return
+    if isinstance(value, str) and regex_ok:
+        try:
+            re.compile(value)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise AdapterFormatError(f"{where}: {key} {value!r:.80} is not a valid regex ({exc})") from None
+        return
+    what = "a list of module names or a regex string" if regex_ok else "a list of module names"
+    raise AdapterFormatError(f"{where}: {key} must be {what}, got {value!r:.80}")
 
 
 def _to_lora_config(cfg: dict, modules: list[str], directory: Path) -> LoraConfig:
@@ -282,7 +345,7 @@ def _to_lora_config(cfg: dict, modules: list[str], directory: Path) -> LoraConfi
             init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming",
             modules_to_save=tuple(cfg.get("modules_to_save") or ()),
         )
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: int(inf) for "r": Infinity
         raise AdapterFormatError(f"{directory / CONFIG_NAME}: invalid LoRA settings ({exc})") from None
 
 
@@ -306,15 +369,10 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
             blocks = list(tensors.values())
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers and data
             raise AdapterFormatError(f"{weights}: corrupt or truncated safetensors file ({exc})") from None
-    try:
-        deltaw_meta = json.loads(header["deltaw"]) if "deltaw" in header else {}
-    except json.JSONDecodeError:
-        raise AdapterFormatError(f"{weights}: deltaw metadata in the header is not valid JSON") from None
+    deltaw_meta = _read_deltaw_meta(header, weights)
 
-    saved_prefixes = [f"{PREFIX}{p}." for p in (cfg.get("modules_to_save") or [])]
     factors: dict[str, dict[str, torch.Tensor]] = {}
-    saved: dict[str, dict[str, torch.Tensor]] = {}
-    unexpected: list[str] = []
+    others: list[tuple[str, torch.Tensor]] = []
     for key, tensor in tensors.items():
         head, sep, tail = key.rpartition(".lora_")  # one split per key: 420 keys per 135M-model adapter
         factor = _FACTOR_TAILS.get(tail) if sep else None
@@ -323,9 +381,20 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
             entry[factor[0]] = tensor
             entry["kind"] = factor[1]
             continue
-        owner = next((pre for pre in saved_prefixes if key.startswith(pre)), None)
+        others.append((key, tensor))
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    base_weights: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected: list[str] = []
+    keep = tuple(cfg.get("modules_to_save") or ())
+    for key, tensor in others:
+        sub = key[len(PREFIX):] if key.startswith(PREFIX) else None
+        module, sep, pname = sub.rpartition(".base_layer.") if sub is not None else ("", "", "")
+        if sep and module in factors and "." not in pname:
+            base_weights.setdefault(module, {})[pname] = tensor
+            continue
+        owner = _saved_owner(sub, keep) if sub is not None and keep else None
         if owner is not None:
-            saved.setdefault(owner[len(PREFIX):-1], {})[key[len(owner):]] = tensor
+            saved.setdefault(owner, {})[sub[len(owner) + 1:]] = tensor
             continue
         unexpected.append(key)
     if unexpected:
@@ -350,17 +419,63 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
     for module, entry in factors.items():
         want_r = config.rank_for(module)
         a, b = entry["A"], entry["B"]
+        # Linear/Conv1D/Embedding factors are 2-d; conv ones carry the kernel: A (r, in, *k), B (out, r, 1, ...).
+        if not (a.ndim == b.ndim == 2 if entry["kind"] == "embedding" else 2 <= a.ndim <= 5 and b.ndim == a.ndim):
+            raise AdapterFormatError(
+                f"{weights}: module {module!r} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
+                f"{tuple(b.shape)}: LoRA factors are (r, in) and (out, r) matrices (conv: (r, in, *kernel) and "
+                "(out, r, 1, ...))")
         if a.shape[0] != want_r or b.shape[1] != want_r:
             raise AdapterFormatError(
                 f"{weights}: module {module!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B "
                 f"{tuple(b.shape)}) but the config says r={want_r}")
-    return AdapterFile(directory, cfg, config, factors, saved, deltaw_meta)
+    return AdapterFile(directory, cfg, config, factors, saved, deltaw_meta, base_weights)
+
+
+def _saved_owner(key: str, names: tuple[str, ...]) -> str | None:
+    """The module a modules_to_save key belongs to: its shortest dotted prefix that one of ``names`` matches
+    the way PEFT and ``attach`` match them (the full path, or a dotted suffix of it: ``embed_tokens`` owns
+    ``model.embed_tokens.weight``, ``0`` owns ``block.0.bias``). None when no name owns the key."""
+    dot = key.find(".")
+    while dot > 0:
+        if api._matches(names, key[:dot]):
+            return key[:dot]
+        dot = key.find(".", dot + 1)
+    return None
+
+
+#: What the ``deltaw`` header entry holds, by key: a file's metadata comes from anyone, and callers index into it.
+_META_TYPES = {"version": str, "adapter_name": str, "fingerprint": dict, "metadata": dict}
+
+
+def _read_deltaw_meta(header: dict, weights: Path) -> dict:
+    """deltaw's own metadata from the safetensors header ({} when the file was written by PEFT)."""
+    if "deltaw" not in header:
+        return {}
+    bad = f"{weights}: the deltaw metadata in the file's header is malformed"
+    try:
+        meta = json.loads(header["deltaw"])
+    except json.JSONDecodeError:
+        raise AdapterFormatError(f"{bad}: not valid JSON") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{bad}: JSON nested too deeply") from None
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"{bad}: a {type(meta).__name__}, not an object")
+    for key, kind in _META_TYPES.items():
+        if meta.get(key) is not None and not isinstance(meta[key], kind):
+            raise AdapterFormatError(f"{bad}: {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}")
+    why = fp.malformed(meta["fingerprint"]) if meta.get("fingerprint") is not None else None
+    if why is not None:
+        raise AdapterFormatError(f"{bad}: {why}")
+    return meta
 
 
 # ---- load ----------------------------------------------------------------------------------------------
-def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> list[tuple[str, nn.Module]]:
-    """Every module the file names exists, has a supported type, and fits the factor shapes. Returns the
-    (path, base module) targets."""
+def _check_against_model(model: nn.Module, adapter: AdapterFile,
+                         name: str) -> tuple[list[tuple[str, nn.Module]], LoraConfig]:
+    """Every module the file names exists, has a supported type, and fits the factor shapes; every value
+    survives the cast to the dtype it is loaded in. Returns the (path, base module) targets and the config to
+    attach with (modules_to_save entries that match no module of this model dropped, as PEFT skips them)."""
     named = api._walk(model)  # one walk, shared with the candidate scan below
     modules = dict(named)
     st = model.__dict__.get(api._STATE_ATTR)
@@ -384,6 +499,14 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> l
             raise AdapterFormatError(
                 f"adapter {name!r}: shape mismatch at {path!r} (base weight {tuple(base.weight.shape)}): file has "
                 f"lora_A {tuple(entry['A'].shape)}, lora_B {tuple(entry['B'].shape)}; expected {a_shape}, {b_shape}")
+        # The dtype add_adapter gives the factors (fp32 for a half-precision base).
+        dtype = base.weight.dtype
+        dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        for which in ("A", "B"):
+            if _overflows(entry[which], dtype):
+                raise NonFiniteError(f"adapter {name!r}: lora_{which} of module {path!r} holds values beyond the "
+                                     f"range of {dtype} (the file stores {entry[which].dtype}): they would load as "
+                                     "inf; refusing to load")
     declared = adapter.peft.get("target_modules")
     if declared and not adapter.peft.get("layers_to_transform"):
         # Everything the config targets must have its factors in the file (PEFT matching rules).
@@ -400,7 +523,8 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> l
     for path, sd in adapter.saved.items():
         module = modules.get(path)
         if module is None:
-            raise TargetError(f"adapter {name!r}: saved module {path!r} does not exist in this model")
+            raise TargetError(f"adapter {name!r}: saved module {path!r} (modules_to_save) does not exist in this "
+                              "model (wrong base model?)")
         current = module.state_dict() if not hasattr(module, "original_module") else module.original_module.state_dict()
         if set(current) != set(sd):
             raise AdapterFormatError(f"adapter {name!r}: saved module {path!r} has keys {sorted(sd)}, model has "
@@ -409,8 +533,58 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile, name: str) -> l
             if tuple(current[k].shape) != tuple(t.shape):
                 raise AdapterFormatError(f"adapter {name!r}: saved module {path!r}.{k} has shape {tuple(t.shape)}, "
                                          f"model has {tuple(current[k].shape)}")
+            if _overflows(t, current[k].dtype):
+                raise NonFiniteError(f"adapter {name!r}: saved module {path!r} parameter {k!r} holds values beyond "
+                                     f"the range of {current[k].dtype} (the file stores {t.dtype}): they would load "
+                                     "as inf; refusing to load")
+    config = adapter.config
+    # PEFT lists modules_to_save names a model may lack (task_type SEQ_CLS adds both 'classifier' and 'score')
+    # and skips those; a name whose weights are in the file was checked above to name a module of this model.
+    paths = [p for p, _ in named if p]
+    present = tuple(k for k in config.modules_to_save if any(p == k or p.endswith("." + k) for p in paths))
+    if present != config.modules_to_save:
+        config = replace(config, modules_to_save=present)
     order = {path: i for i, (path, _) in enumerate(named)}
-    return sorted(targets, key=lambda t: order[t[0]])  # model order, as resolve_targets gives
+    return sorted(targets, key=lambda t: order[t[0]]), config  # model order, as resolve_targets gives
+
+
+def _overflows(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether casting ``t`` to ``dtype`` turns a finite value into inf (an F64 1e300 in an fp32 model). Only a
+    cast to a floating dtype of smaller range can, so the usual same-dtype load costs nothing here."""
+    if t.dtype == dtype or not dtype.is_floating_point or t.dtype == torch.bool or t.numel() == 0:
+        return False
+    info = torch.finfo(t.dtype) if t.is_floating_point() else torch.iinfo(t.dtype)
+    if info.max <= torch.finfo(dtype).max:
+        return False
+    lo, hi = torch.aminmax(t)  # rounding is monotonic: the extremes overflow first
+    return not bool(torch.isfinite(torch.stack([lo, hi]).to(dtype)).all())
+
+
+def _check_base_weights(model: nn.Module, adapter: AdapterFile, name: str, targets: list[tuple[str, nn.Module]],
+                        allow_base_mismatch: bool) -> None:
+    """The base-layer copies PEFT saves with a targeted embedding must be this model's own weights: deltaw
+    loads LoRA factors onto the model's base, never a base weight from the file, so an adapter that changed
+    (or resized) its embedding would otherwise load silently onto the unchanged one."""
+    bases = dict(targets)
+    for path, params in adapter.base_weights.items():
+        for pname, saved in params.items():
+            current = _current_weights(model, [path])[path] if pname == "weight" else getattr(bases[path], pname, None)
+            if not isinstance(current, torch.Tensor) or current.shape != saved.shape:
+                same = False
+            elif current.device.type == "meta":
+                same = True  # nothing to compare against (and no values to get wrong)
+            else:  # the same base in another precision is the same base
+                current, here = current.detach(), saved.to(current.device)
+                same = torch.equal(here.to(current.dtype), current) or torch.equal(here, current.to(here.dtype))
+            if same:
+                continue
+            why = (f"adapter {name!r} from {adapter.directory} carries a modified base weight for {path!r} "
+                   f"({path}.base_layer.{pname}, {tuple(saved.shape)}), which deltaw does not load: it differs from "
+                   "this model's weight")
+            if not allow_base_mismatch:
+                raise BaseModelMismatchError(f"{why}. Load it onto the base model it was trained with, or pass "
+                                             "allow_base_mismatch=True to keep this model's weight")
+            log.warning("%s; keeping this model's weight", why)
 
 
 def _current_weights(model: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
@@ -425,12 +599,13 @@ def _current_weights(model: nn.Module, modules: list[str]) -> dict[str, torch.Te
 def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, trainable: bool = False,
          activate: bool = True, allow_base_mismatch: bool = False) -> AdapterInfo:
     """Load a PEFT-format adapter as ``name``. All checks run before the model is touched; on any error the
-    model is left exactly as it was. ``allow_base_mismatch`` skips only the fingerprint check."""
+    model is left exactly as it was. ``allow_base_mismatch`` turns the base-model checks (the fingerprint, and
+    a base embedding PEFT saved alongside its factors) into warnings."""
     check_name(name)
     if name in api.adapters(model):
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     adapter = read_adapter(path, name)
-    targets = _check_against_model(model, adapter, name)
+    targets, config = _check_against_model(model, adapter, name)
     saved_fp = adapter.deltaw_meta.get("fingerprint")
     if saved_fp:
         weights = _current_weights(model, sorted(adapter.factors))
@@ -441,8 +616,9 @@ def load(model: nn.Module, path: str | os.PathLike, name: str = "default", *, tr
                     f"adapter {name!r} from {adapter.directory} was trained on another base model: {why}. "
                     "Pass allow_base_mismatch=True (CLI: --allow-base-mismatch) to load it anyway")
             log.warning("loading adapter %r onto a different base model: %s", name, why)
+    _check_base_weights(model, adapter, name, targets, allow_base_mismatch)
     # The factors become the parameters directly (no random init, no second copy).
-    info = api._attach_to(model, adapter.config, name, targets, trainable, False,
+    info = api._attach_to(model, config, name, targets, trainable, False,
                           {m: (e["A"], e["B"]) for m, e in adapter.factors.items()})
     try:
         st = api.state(model)

@@ -59,7 +59,7 @@ def test_wrong_base_model_is_refused_then_overridable(saved, target):
     assert deltaw.adapters(other) == ["a"]
 
 
-@pytest.mark.parametrize("how", ["in_place", "new_data", "merged"])
+@pytest.mark.parametrize("how", ["in_place", "new_data", "through_data", "merged"])
 def test_base_changed_after_a_load_is_still_caught(saved, how):
     """The fingerprint digest is remembered per base; changing the base's weights must invalidate it."""
     model = LLAMA.build()
@@ -76,6 +76,9 @@ def test_base_changed_after_a_load_is_still_caught(saved, how):
         elif how == "new_data":
             for p, o in pairs:
                 p.data = o.data.clone()
+        elif how == "through_data":  # regression: .data writes do not bump the version a cache keyed on
+            for p, o in pairs:
+                p.data.copy_(o)
         else:  # merged weights are not the base: the pristine W0 is what counts, so this one still loads
             deltaw.merge(model, "again")
     if how == "merged":
@@ -175,12 +178,33 @@ def test_invalid_config_json(saved, target):
         deltaw.load(target, saved, "a")
 
 
-def test_unsupported_peft_options(saved, target):
+@pytest.mark.parametrize("option, value", [
+    ("use_dora", True), ("bias", "lora_only"), ("lora_bias", True), ("use_qalora", True),
+    ("layer_replication", [[0, 2], [1, 2]]), ("alora_invocation_tokens", [5]), ("trainable_token_indices", [1, 2]),
+    ("target_parameters", ["experts.gate_up_proj"]), ("use_bdlora", {"target_modules": ["q_proj"]}),
+    ("velora_config", {"num_groups": 4}), ("monteclora_config", {"n": 2}), ("kasa_config", {"k": 1}),
+    ("arrow_config", {"top_k": 2})])
+def test_unsupported_peft_options(saved, target, option, value):
+    """Options that change the maths are refused (regression: layer_replication, aLoRA, QA-LoRA, lora_bias,
+    trainable tokens... loaded silently and gave other outputs than PEFT); their defaults load."""
     cfg = json.loads((saved / "adapter_config.json").read_text())
-    cfg["use_dora"] = True
+    cfg[option] = value
     (saved / "adapter_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(deltaw.AdapterFormatError, match="use_dora"):
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match=option):
         deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+def test_unsupported_peft_options_at_their_defaults_load(saved, target):
+    """What PEFT 0.21 writes when the options are unused."""
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg.update(use_dora=False, bias="none", lora_bias=False, use_qalora=False, qalora_group_size=16,
+               layer_replication=None, alora_invocation_tokens=None, trainable_token_indices=None,
+               target_parameters=None, use_bdlora=None, arrow_config=None, velora_config=None,
+               monteclora_config=None, kasa_config=None, ensure_weight_tying=False, loftq_config={})
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    deltaw.load(target, saved, "a")
 
 
 def test_pickle_file_is_never_loaded(tmp_path, target):
@@ -209,7 +233,8 @@ def test_not_a_directory_or_missing(tmp_path, target):
 
 
 @pytest.mark.parametrize("name", ["../evil", "a/b", "", "a.b", " x", "x" * 65, 3, "/abs",
-                                  "keys", "training", "update", "_keys", "eval"])
+                                  "keys", "training", "update", "_keys", "eval",
+                                  "__dict__", "__class__", "__init__", "__doc__", "__anything"])
 def test_unsafe_names(name, saved):
     model = LLAMA.build()
     with pytest.raises(deltaw.AdapterNameError, match="unsafe adapter name"):
@@ -250,10 +275,23 @@ def test_unsupported_target_type():
 
 
 @pytest.mark.parametrize("kwargs", [dict(r=0), dict(r=2.5), dict(alpha=-1), dict(dropout=1.0), dict(init="xavier"),
-                                    dict(target_modules=()), dict(rank_pattern={"q": 0}), dict(target_modules="(")])
+                                    dict(target_modules=()), dict(rank_pattern={"q": 0}), dict(target_modules="("),
+                                    # regressions: TypeError, or accepted
+                                    dict(dropout="0.1"), dict(rank_pattern={1: 2}), dict(alpha_pattern={1: 2.0}),
+                                    dict(alpha=True), dict(dropout=True), dict(r=True), dict(alpha_pattern={"q": True}),
+                                    dict(target_modules=[1]), dict(modules_to_save=[5]), dict(rank_pattern=[("q", 2)])])
 def test_config_validation(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="LoraConfig"):
         deltaw.LoraConfig(**kwargs)
+
+
+def test_config_modules_to_save_string_is_one_name():
+    """Regression: modules_to_save="lm_head" was split into characters (TargetError listing 'l', 'm', ...)."""
+    config = deltaw.LoraConfig(target_modules=["q_proj"], modules_to_save="lm_head")
+    assert config.modules_to_save == ("lm_head",)
+    model = LLAMA.build()
+    deltaw.attach(model, config, "a")
+    assert list(deltaw.state(model).saved_modules) == ["lm_head"]
 
 
 def test_fingerprint_of_weight_over_2_pow_24_elements():
@@ -263,3 +301,148 @@ def test_fingerprint_of_weight_over_2_pow_24_elements():
     w[-1] = 7.0
     fp = fingerprint({"emb": w})
     assert fp["samples"]["emb"][-1] == 7.0
+
+
+def _edit_header(saved, fn):
+    """Rewrite the safetensors header JSON of ``saved`` in place (the data bytes are kept)."""
+    f = saved / "adapter_model.safetensors"
+    data = f.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    fn(header)
+    raw = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+Q1 = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
+
+
+def test_overlapping_tensor_ranges_are_refused(saved, target):
+    """Regression: the fast reader accepted two tensors over the same bytes (safetensors refuses them), and
+    the two loaded parameters shared memory: training one changed the other."""
+    _edit_header(saved, lambda h: h[Q1].__setitem__("data_offsets", h[Q0]["data_offsets"]))
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match="corrupt or truncated"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+def _tensors_and_meta(saved):
+    from safetensors import safe_open
+    with safe_open(str(saved / "adapter_model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_values_that_overflow_the_model_dtype_are_refused(saved, target):
+    """Regression: finiteness was checked in the file's dtype only; an F64 factor of 1e300 passed and became
+    inf in the fp32 parameter."""
+    tensors, meta = _tensors_and_meta(saved)
+    tensors[Q0] = tensors[Q0].double()
+    tensors[Q0][0, 0] = 1e300
+    save_file(tensors, str(saved / "adapter_model.safetensors"), metadata=meta)
+    snap = snapshot(target)
+    with pytest.raises(deltaw.NonFiniteError, match=r"lora_A of module 'model.layers.0.self_attn.q_proj'.*range"):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+    tensors[Q0][0, 0] = 0.5  # in range: an F64 file loads into an fp32 model
+    save_file(tensors, str(saved / "adapter_model.safetensors"), metadata=meta)
+    deltaw.load(target, saved, "a")
+
+
+def test_saved_module_values_that_overflow_the_model_dtype_are_refused(tmp_path):
+    torch.manual_seed(0)
+    model = MLP()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]), "a")
+    deltaw.save(model, tmp_path, "a")
+    tensors, meta = _tensors_and_meta(tmp_path)
+    tensors["base_model.model.head.weight"] = tensors["base_model.model.head.weight"].double()
+    tensors["base_model.model.head.weight"][0, 0] = -1e300
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata=meta)
+    torch.manual_seed(0)
+    fresh = MLP()
+    with pytest.raises(deltaw.NonFiniteError, match="saved module 'head' parameter 'weight'.*range"):
+        deltaw.load(fresh, tmp_path, "a")
+    assert deltaw.adapters(fresh) == []
+
+
+def test_failed_save_keeps_the_previous_pair(saved):
+    """Regression: the weights file was replaced before the config was serialised, so a config that failed
+    to serialise left new weights next to the old config (a directory that no longer loads)."""
+    from pathlib import Path
+    before = {f: (saved / f).read_bytes() for f in ("adapter_config.json", "adapter_model.safetensors")}
+    model = LLAMA.build()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"]), "b")
+    with pytest.raises(TypeError, match="JSON serializable"):
+        deltaw.save(model, saved, "b", base_model_name_or_path=Path("/models/llama"))  # not JSON
+    assert {f: (saved / f).read_bytes() for f in before} == before
+    assert sorted(p.name for p in saved.iterdir()) == sorted(before), "no temporary file left behind"
+    deltaw.load(LLAMA.build(), saved, "a")
+
+
+@pytest.mark.parametrize("edit, field", [
+    (dict(r=float("inf")), "invalid LoRA settings"),  # regression: OverflowError
+    (dict(target_modules="q_proj("), "target_modules.*not a valid regex"),  # regression: re.error
+    (dict(target_modules=5), "target_modules must be"),  # regression: TypeError
+    (dict(target_modules=["q_proj", 3]), "target_modules must be"),
+    (dict(exclude_modules="(x"), "exclude_modules.*not a valid regex"),
+    (dict(exclude_modules=7), "exclude_modules must be"),
+    (dict(modules_to_save=5), "modules_to_save must be"),  # regression: TypeError
+    (dict(modules_to_save="lm_head"), "modules_to_save must be"),
+    (dict(rank_pattern=[1, 2]), "rank_pattern must be"),
+])
+def test_invalid_config_fields_name_the_field(saved, target, edit, field):
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg.update(edit)
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))  # json writes inf as Infinity, as PEFT's json
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError, match=field):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)
+
+
+@pytest.mark.parametrize("a_shape, b_shape", [((), (32, 4)), ((4, 32), (32,)), ((4,), (32, 4))])
+def test_factors_of_the_wrong_dimension(saved, target, a_shape, b_shape):
+    """Regression: a 0-d lora_A or a 1-d lora_B raised IndexError while reading the rank."""
+    def squash(t):
+        t[Q0] = torch.zeros(a_shape)
+        t[Q0.replace("lora_A", "lora_B")] = torch.zeros(b_shape)
+    _rewrite(saved, squash)
+    with pytest.raises(deltaw.AdapterFormatError, match=r"q_proj' has lora_A of shape .*\(r, in\)"):
+        deltaw.load(target, saved, "a")
+
+
+def _set_deltaw_meta(saved, text):
+    tensors, meta = _tensors_and_meta(saved)
+    save_file(tensors, str(saved / "adapter_model.safetensors"), metadata={**meta, "deltaw": text})
+
+
+@pytest.mark.parametrize("meta", [[], "x", 3, {"fingerprint": "x"}, {"fingerprint": []},
+                                  {"fingerprint": {"shapes": [1]}}, {"fingerprint": {"shapes": {"m": "12"}}},
+                                  {"fingerprint": {"sha256": 5}}, {"fingerprint": {"samples": {"m": "abc"}}},
+                                  {"fingerprint": {"samples": {"m": [1, "2"]}}}, {"metadata": "x"},
+                                  {"adapter_name": ["a"]}])
+def test_malformed_deltaw_metadata(saved, target, meta):
+    """Regression: valid JSON of the wrong shape raised AttributeError/TypeError while checking the base."""
+    _set_deltaw_meta(saved, json.dumps(meta))
+    with pytest.raises(deltaw.AdapterFormatError, match="deltaw metadata in the file's header is malformed"):
+        deltaw.load(target, saved, "a")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("where", ["config", "header", "deltaw_metadata"])
+def test_deeply_nested_json(saved, target, where):
+    """Regression: json.loads raised RecursionError, not AdapterFormatError."""
+    if where == "config":
+        (saved / "adapter_config.json").write_text(DEEP)
+    elif where == "header":
+        raw = DEEP.encode()
+        (saved / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    else:
+        _set_deltaw_meta(saved, DEEP)
+    snap = snapshot(target)
+    with pytest.raises(deltaw.AdapterFormatError):
+        deltaw.load(target, saved, "a")
+    assert_unchanged(target, snap)

@@ -116,3 +116,111 @@ def test_modules_to_save_head_round_trips_with_peft(tmp_path):
     torch.testing.assert_close(case.run(pm, x), expected, **TOL)
     plain = deltaw.merge_and_unload(fresh)
     torch.testing.assert_close(case.run(plain, x), expected, **TOL)
+
+
+class _Nested(torch.nn.Module):
+    """A saved module PEFT names by its last path component: modules_to_save=["0"] means block.0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 8)
+        self.block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.block(self.fc(x)))
+
+
+def _peft_round_trip(build, x, tmp_path, **kwargs):
+    """A PEFT adapter with random (non-zero) adapter weights saved to tmp_path; returns PEFT's output."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(build(), peft.LoraConfig(r=2, lora_alpha=4, **kwargs)).eval()
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            expected = pm(x)
+        pm.save_pretrained(str(tmp_path))
+    return getattr(expected, "logits", expected)
+
+
+def _run(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return getattr(out, "logits", out)
+
+
+@pytest.mark.parametrize("build, x, kwargs", [
+    (CASES[2].build_fn, CASES[2].input(), dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"])),
+    (CASES[1].build_fn, CASES[1].input(), dict(target_modules=["c_attn"], modules_to_save=["wte"])),
+    (_Nested, torch.randn(4, 6), dict(target_modules=["fc"], modules_to_save=["0"])),
+], ids=["llama_embed_tokens", "gpt2_wte", "nested_block_0"])
+def test_peft_modules_to_save_named_by_suffix(build, x, kwargs, tmp_path):
+    """Regression: PEFT names modules_to_save by suffix (embed_tokens for model.embed_tokens); the saved
+    weights were refused as 'unexpected keys' because deltaw read the names as full paths."""
+    expected = _peft_round_trip(build, x, tmp_path, **kwargs)
+    torch.manual_seed(0)
+    model = build().eval()
+    deltaw.load(model, tmp_path, "p")
+    torch.testing.assert_close(_run(model, x), expected, **TOL)
+    assert len(deltaw.state(model).saved_modules) == 1
+
+
+def _seq_cls_llama():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0))
+
+
+def test_peft_seq_cls_adapter_skips_the_head_name_the_model_lacks(tmp_path):
+    """Regression: task_type="SEQ_CLS" makes PEFT save modules_to_save=['classifier', 'score']; a Llama has only
+    'score' and PEFT skips 'classifier', but deltaw refused the whole adapter (TargetError)."""
+    x = CASES[2].input()
+    expected = _peft_round_trip(_seq_cls_llama, x, tmp_path, task_type="SEQ_CLS", target_modules=["q_proj", "v_proj"])
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["classifier", "score"]
+    torch.manual_seed(0)
+    model = _seq_cls_llama().eval()
+    info = deltaw.load(model, tmp_path, "cls")
+    torch.testing.assert_close(_run(model, x), expected, **TOL)
+    assert info.config.modules_to_save == ("score",) and list(deltaw.state(model).saved_modules) == ["score"]
+
+
+def test_saved_weights_for_a_module_the_model_lacks_are_still_refused(tmp_path):
+    """Dropping unmatched modules_to_save names must not drop weights: 'score' is in the file, the causal LM
+    has no 'score'."""
+    _peft_round_trip(_seq_cls_llama, CASES[2].input(), tmp_path, task_type="SEQ_CLS", target_modules=["q_proj"])
+    torch.manual_seed(0)
+    model = CASES[2].build_fn()
+    with pytest.raises(deltaw.TargetError, match="saved module 'score'.*does not exist"):
+        deltaw.load(model, tmp_path, "cls")
+    assert deltaw.adapters(model) == []
+
+
+def test_peft_targeted_embedding_with_its_base_layer_saved(tmp_path):
+    """Regression: with an embedding targeted PEFT also saves <path>.base_layer.weight (save_embedding_layers);
+    deltaw refused it as an unexpected key. Equal to the model's weight: ignored; different: refused."""
+    case = CASES[2]
+    x = case.input()
+    expected = _peft_round_trip(case.build_fn, x, tmp_path, target_modules=["embed_tokens", "q_proj"])
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert key in f.keys()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = case.build()
+    deltaw.load(model, tmp_path, "emb")
+    torch.testing.assert_close(_run(model, x), expected, **TOL)
+    bf16 = case.build().to(torch.bfloat16)  # the same base in another precision is the same base
+    deltaw.load(bf16, tmp_path, "emb")
+
+    from safetensors.torch import save_file
+    tensors[key] = tensors[key] + 1.0  # an adapter trained with a changed embedding
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model = case.build()
+    with pytest.raises(deltaw.BaseModelMismatchError, match="modified base weight for 'model.embed_tokens'"):
+        deltaw.load(model, tmp_path, "emb")
+    assert deltaw.adapters(model) == []
+    deltaw.load(model, tmp_path, "emb", allow_base_mismatch=True)  # a warning: this model's weight is kept
