@@ -93,11 +93,22 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 def peft_config(model: nn.Module, info: AdapterInfo, base_model_name_or_path: str | None = None) -> dict:
-    """A PEFT LoraConfig dict with every module listed explicitly, so any PEFT version resolves the same set."""
+    """A PEFT LoraConfig dict with every module listed explicitly, so any PEFT version resolves the same set.
+
+    PEFT matches a listed name by dotted suffix too (and pattern keys as ``(.*\.)?(key)$``), so a path that
+    ends another module's path ("fc" and "sub.fc") would pull that module in: the list becomes an exact regex
+    (``re.fullmatch``) when that happens on this model, and pattern keys are anchored with ``^``."""
     st = api.state(model)
     cfg = info.config
-    rank_pattern = {re.escape(p): cfg.rank_for(p) for p in info.modules if cfg.rank_for(p) != cfg.r}
-    alpha_pattern = {re.escape(p): cfg.alpha_for(p) for p in info.modules if cfg.alpha_for(p) != cfg.alpha}
+    paths = sorted(info.modules)
+    listed = tuple(paths)
+    exact = set(paths)
+    if any(p not in exact for p, _ in api._walk(model) if p and api._matches(listed, p)):
+        targets: list[str] | str = "(?:" + "|".join(re.escape(p) for p in paths) + ")"
+    else:
+        targets = paths
+    rank_pattern = {"^" + re.escape(p): cfg.rank_for(p) for p in paths if cfg.rank_for(p) != cfg.r}
+    alpha_pattern = {"^" + re.escape(p): cfg.alpha_for(p) for p in paths if cfg.alpha_for(p) != cfg.alpha}
     saved = [p for p, w in st.saved_modules.items() if info.name in w.modules_to_save]
     return {
         "peft_type": "LORA",
@@ -105,7 +116,7 @@ def peft_config(model: nn.Module, info: AdapterInfo, base_model_name_or_path: st
         "base_model_name_or_path": base_model_name_or_path or info.metadata.get("base_model_name_or_path"),
         "r": cfg.r,
         "lora_alpha": cfg.alpha,
-        "target_modules": sorted(info.modules),
+        "target_modules": targets,
         "exclude_modules": None,
         "lora_dropout": cfg.dropout,
         "bias": "none",
