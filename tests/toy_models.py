@@ -54,6 +54,27 @@ class EmbeddingNet(nn.Module):
         return self.out(self.emb(ids) + self.pos(pos))
 
 
+class _NestedPathsSub(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class NestedPaths(nn.Module):
+    """Module paths where one ("fc", 16 -> 16) is the dotted suffix of another ("sub.fc", 16 -> 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.sub = _NestedPathsSub()
+
+    def forward(self, x):
+        return self.sub(self.fc(x))
+
+
 def tiny_llama(tie: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -13,6 +13,7 @@ from deltaw.compose import compose, compose_dirs
 from deltaw.compose.methods import dare_merge, ties_merge
 
 from compose_helpers import make_tiny, randomize
+from toy_models import NestedPaths
 
 W = {"a": 1.0, "b": -0.5}
 
@@ -232,32 +233,11 @@ def test_peft_library_loads_composed_adapter(tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-class _Sub(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 2)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-class _Nested(torch.nn.Module):
-    """A module path ("fc") that is also the suffix of another one ("sub.fc")."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 16)
-        self.sub = _Sub()
-
-    def forward(self, x):
-        return self.sub(self.fc(x))
-
-
 def test_compose_adapts_exactly_the_source_modules_when_one_path_is_a_suffix_of_another():
     """compose re-attached by target_modules = the paths, matched by suffix: "fc" pulled in "sub.fc" too (and
     failed there: rank 8 > its 2 outputs)."""
     torch.manual_seed(0)
-    model = _Nested().eval()
+    model = NestedPaths().eval()
     deltaw.attach(model, deltaw.LoraConfig(r=8, target_modules="fc"), "a")  # a regex: the top-level fc only
     randomize(model, "a")
     compose(model, {"a": 1.0}, method="linear", name="combo")

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 import deltaw
-from toy_models import CASE_IDS, CASES, randomize
+from toy_models import CASE_IDS, CASES, NestedPaths, randomize
 
 peft = pytest.importorskip("peft")
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -226,27 +226,6 @@ def test_peft_targeted_embedding_with_its_base_layer_saved(tmp_path):
     deltaw.load(model, tmp_path, "emb", allow_base_mismatch=True)  # a warning: this model's weight is kept
 
 
-class _Sub(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 2)
-
-    def forward(self, x):
-        return self.fc(x)
-
-
-class _Nested(torch.nn.Module):
-    """Module paths where one ("fc") is the dotted suffix of another ("sub.fc")."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 16)
-        self.sub = _Sub()
-
-    def forward(self, x):
-        return self.sub(self.fc(x))
-
-
 @pytest.mark.parametrize("config", [
     deltaw.LoraConfig(r=8, target_modules="fc"),  # the top-level fc only (a regex)
     deltaw.LoraConfig(r=2, target_modules=["fc"], rank_pattern={"^fc": 8}),  # both; fc at rank 8, sub.fc at 2
@@ -255,21 +234,21 @@ def test_saved_config_selects_exactly_the_adapted_modules(config, tmp_path):
     """Saved as a list of paths, "fc" also selected "sub.fc" (PEFT's suffix rule): deltaw refused its own file
     (missing keys) and PEFT adapted the extra module; a rank_pattern key "fc" gave "sub.fc" fc's rank."""
     torch.manual_seed(0)
-    model, x = _Nested().eval(), torch.randn(3, 16)
+    model, x = NestedPaths().eval(), torch.randn(3, 16)
     info = deltaw.attach(model, config, "a")
     randomize(model, "a")
     with torch.no_grad():
         expected = model(x)
     deltaw.save(model, tmp_path, "a")
     torch.manual_seed(0)
-    twin = _Nested().eval()
+    twin = NestedPaths().eval()
     assert deltaw.load(twin, tmp_path, "a").modules == info.modules
     with torch.no_grad():
         torch.testing.assert_close(twin(x), expected, **TOL)
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft_model = peft.PeftModel.from_pretrained(_Nested(), str(tmp_path)).eval()
+        peft_model = peft.PeftModel.from_pretrained(NestedPaths(), str(tmp_path)).eval()
     adapted = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A"))
     assert adapted == sorted(info.modules)
     with torch.no_grad():
