@@ -95,7 +95,7 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 def peft_config(model: nn.Module, info: AdapterInfo, base_model_name_or_path: str | None = None) -> dict:
     """A PEFT LoraConfig dict with every module listed explicitly, so any PEFT version resolves the same set.
 
-    PEFT matches a listed name by dotted suffix too (and pattern keys as ``(.*\.)?(key)$``), so a path that
+    PEFT matches a listed name by dotted suffix too (and pattern keys as ``(.*\\.)?(key)$``), so a path that
     ends another module's path ("fc" and "sub.fc") would pull that module in: the list becomes an exact regex
     (``re.fullmatch``) when that happens on this model, and pattern keys are anchored with ``^``."""
     st = api.state(model)

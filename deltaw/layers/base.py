@@ -14,6 +14,7 @@ pointer swap that restores W0 bit for bit -- subtracting a recomputed delta drif
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from abc import ABCMeta, abstractmethod
@@ -62,17 +63,25 @@ def _drop(params: nn.ParameterDict, name: str) -> None:
 _SERIALS = itertools.count()
 
 
+@functools.lru_cache(maxsize=64)
+def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, dtype=dtype, device=device)  # (n,) read-only by contract: shared by every caller
+
+
 def _all_finite(t: torch.Tensor) -> bool:
-    """True iff every entry of ``t`` is finite. A NaN/inf entry makes its row's sum NaN/inf, so one GEMV
-    against ones (t·1, read at memory speed: on CPU 2-6x faster than a sum reduction and ~18x faster than
-    ``isfinite(t).all()`` on a merged weight still in cache, in fp32, bf16 and fp16 alike) settles the usual
-    all-finite case; a non-finite row sum (or finite entries whose sum overflowed, e.g. fp16 rows past 65504)
-    goes to the exact per-entry test."""
-    if t.is_floating_point() and t.dim() >= 2 and t.is_contiguous():
+    """True iff every entry of ``t`` is finite. A NaN/inf entry makes the sum NaN/inf, so one reduction settles
+    the usual all-finite case; a non-finite sum (or finite entries whose sum overflowed) goes to the exact
+    per-entry test. fp32/fp64 sum directly (run right after the merge wrote ``t``: +10 ms over the 135M
+    model's 210 weights, against +25 ms for a row-sum GEMV); half precision, whose sum kernel is ~6x slower,
+    sums rows with one GEMV against ones (t·1) and those sums in fp32."""
+    if t.dtype in (torch.float32, torch.float64):
+        total = t.sum()
+    elif t.is_floating_point() and t.dim() >= 2 and t.is_contiguous():
         rows = t.view(t.shape[0], -1)  # (out, in·…)
-        if torch.isfinite(torch.mv(rows, torch.ones(rows.shape[1], dtype=t.dtype, device=t.device))).all():
-            return True
-    return bool(torch.isfinite(t).all())
+        total = torch.mv(rows, _ones(rows.shape[1], t.dtype, t.device)).sum(dtype=torch.float32)  # (out,) -> ()
+    else:
+        total = t.sum(dtype=torch.float32)
+    return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
 
 
 class LoraLayer(nn.Module, metaclass=ABCMeta):

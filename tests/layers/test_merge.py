@@ -121,9 +121,9 @@ def test_overflow_check_sees_a_base_weight_changed_after_an_earlier_merge(throug
 
 
 @pytest.mark.parametrize("dtype, big", [(torch.float32, 3e38), (torch.float16, 40000.0), (torch.bfloat16, 3e38)])
-def test_merge_accepts_finite_weights_whose_row_sums_overflow(dtype, big):
-    """The finiteness check sums rows first; a row of large finite entries overflows that sum, and the merge
-    must still go through (the exact per-entry test decides), bit-equal to W0 + ΔW."""
+def test_merge_accepts_finite_weights_whose_sum_overflows(dtype, big):
+    """The finiteness check sums first (rows, for half precision); large finite entries overflow that sum, and
+    the merge must still go through (the exact per-entry test decides), bit-equal to W0 + ΔW."""
     model = nn.Sequential(nn.Linear(4, 4)).to(dtype)
     deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["0"]), "a")
     with torch.no_grad():
