@@ -48,9 +48,9 @@ def compose_cmd(
                               density=DEFAULT_DENSITY if density is None else density,
                               drop_rate=DEFAULT_DROP_RATE if drop_rate is None else drop_rate,
                               allow_base_mismatch=allow_base_mismatch)
-    except (DeltawError, ValueError) as exc:
+    except (DeltawError, ValueError, OSError) as exc:  # OSError: e.g. --out names an existing file
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return

@@ -17,7 +17,9 @@ import typer
 
 log = logging.getLogger(__name__)
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError)
+# OSError covers FileNotFoundError / FileExistsError and what writing outputs can hit (a file where a folder is
+# expected, no permission, a full disk): the user's environment, not a bug worth a traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ModuleNotFoundError)
 
 
 @contextlib.contextmanager
@@ -86,7 +88,7 @@ def train_cmd(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: str = typer.Option("fp32", help="fp32 or bf16 (autocast)."),
     adapter_name: str = typer.Option("default", help="Adapter name inside the model."),
-    max_train_examples: int | None = typer.Option(None, help="Use only the first N training examples."),
+    max_train_examples: int | None = typer.Option(None, help="Use only N training examples (a fixed random subset)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
     objective: str = typer.Option("lm", help="lm: the task's loss on --data; balance: pull a probe's attribute "
                                              "distribution toward --target, with KL to the base on neutral text."),
@@ -106,6 +108,19 @@ def train_cmd(
         if resume or task != "causal-lm":
             typer.echo("error: --objective balance trains a causal LM from the start (no --resume, no "
                        "classification)", err=True)
+            raise typer.Exit(2)
+        given = {"data": data, "val_data": val_data, "dropout": dropout, "schedule": schedule,
+                 "warmup_steps": warmup_steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
+                 "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing, "weight_decay": weight_decay,
+                 "max_grad_norm": max_grad_norm, "eval_every": eval_every, "eval_max_examples": eval_max_examples,
+                 "early_stopping_patience": early_stopping_patience,
+                 "early_stopping_min_delta": early_stopping_min_delta, "checkpoint_every": checkpoint_every,
+                 "keep_checkpoints": keep_checkpoints, "device": device, "precision": precision,
+                 "max_train_examples": max_train_examples}
+        unused = unused_balance_options(given)
+        if unused:
+            typer.echo(f"error: --objective balance does not use {', '.join(unused)}; drop them (it trains on the "
+                       "probe's prompts with its own batch, device and precision settings)", err=True)
             raise typer.Exit(2)
         run_train_debias(output, model=model, probe=probe, target=target, steps=steps, lr=lr, r=r, alpha=alpha,
                          targets=targets, seed=seed, overwrite=overwrite,
@@ -144,15 +159,28 @@ def train_cmd(
     typer.echo(f"log: {result.log_path}" + (f"  plot: {result.plot_path}" if result.plot_path else ""))
 
 
+def unused_balance_options(given: dict[str, object]) -> list[str]:
+    """The ``--option`` names in ``given`` that differ from ``train``'s defaults: ``--objective balance`` ignores them.
+
+    Why refuse instead of ignoring: a user who passes ``--device cuda`` or ``--data mine.jsonl`` expects it to
+    matter, and a run that silently did something else is worse than an error.
+    """
+    import inspect
+
+    defaults = {name: p.default.default for name, p in inspect.signature(train_cmd).parameters.items()}
+    return [f"--{name.replace('_', '-')}" for name, value in given.items() if value != defaults[name]]
+
+
 def eval_cmd(
     adapter: list[Path] = typer.Option([], "--adapter", "-a", help="Adapter directory (repeatable)."),
     model: str | None = typer.Option(None, help="Base model (default: the adapter's base, else embedded)."),
     task: str | None = typer.Option(None, help="causal-lm or classification (default: from the adapter)."),
-    data: str | None = typer.Option(None, help="Evaluation data (default: the adapter's training data spec)."),
+    data: str | None = typer.Option(None, help="Evaluation data (default: the adapter's --val-data, else the part of "
+                                               "its local training file held out from training, else BBC's test split)."),
     split: str = typer.Option("test", help="BBC split to evaluate on (local files are used whole)."),
     seq_len: int | None = typer.Option(None, help="Tokens per text (default: the adapter's training seq_len, else 256)."),
     batch_size: int = typer.Option(8, help="Evaluation batch size."),
-    max_examples: int | None = typer.Option(None, help="Evaluate the first N examples only."),
+    max_examples: int | None = typer.Option(None, help="Evaluate N examples only (a fixed random subset)."),
     base: bool = typer.Option(True, help="Include the base model."),
     merged: bool = typer.Option(True, help="Include the adapters merged into the weights (unmerged afterwards)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -161,20 +189,20 @@ def eval_cmd(
 ) -> None:
     """Held-out perplexity (causal LM) or accuracy / macro-F1 (classification): base, adapter(s), merged."""
     from .. import api
-    from ..train.data import limit, load_eval_dataset, pad_id_of
+    from ..train.data import align_labels, limit, load_eval_dataset, pad_id_of
     from ..train.evaluate import evaluate
     from ..train.loop import _tokenize
     from ..train.session import adapter_defaults, open_session
 
     with cli_errors():
         defaults = adapter_defaults(adapter[0]) if adapter else None
-        spec = data or (defaults.data if defaults else None) or "bbc:tech"
-        ds = limit(load_eval_dataset(spec, split), max_examples)
+        spec, held_out = eval_data_spec(data, defaults)
+        ds = limit(load_eval_dataset(spec, split, held_out=held_out), max_examples)
         labels = (defaults.label_names if defaults else []) or list(getattr(ds, "label_names", []) or [])
         session = open_session(adapter, model=model, task=task, label_names=labels, seed=seed, device="cpu",
                                allow_base_mismatch=allow_base_mismatch)
-        if session.task == "classification" and session.label_names and list(ds.label_names) != session.label_names:
-            raise ValueError(f"the data's labels {list(ds.label_names)} differ from the adapter's {session.label_names}")
+        if session.task == "classification" and session.label_names:
+            ds = align_labels(ds, session.label_names, f"evaluation data {spec!r}")
         length = seq_len or session.defaults.seq_len or 256
         examples = _tokenize(session.task, ds, session.tokenizer, length, f"evaluation data {spec!r}")
         kw = dict(pad_id=pad_id_of(session.tokenizer), batch_size=batch_size, label_names=list(ds.label_names or []))
@@ -203,9 +231,26 @@ def eval_cmd(
         return
     from ..train.data import is_bbc_spec
 
-    where = f"{spec} [{split}]" if is_bbc_spec(spec) else spec
+    where = f"{spec} [{split}]" if is_bbc_spec(spec) else (f"{spec} [held-out part]" if held_out else spec)
     typer.echo(f"data: {where}, {len(examples)} examples, seq_len {length}")
     typer.echo(format_table(*eval_rows(results)))
+
+
+def eval_data_spec(data: str | None, defaults) -> tuple[str, bool]:
+    """(spec, held_out): what ``eval`` measures when ``--data`` is or is not given.
+
+    Without ``--data`` it must not score the examples the adapter trained on: the run's ``--val-data`` if it had
+    one, else the held-out part of its local training file (BBC specs have a test split of their own).
+    """
+    from ..train.data import is_bbc_spec
+
+    if data:
+        return data, False
+    if defaults is None or not defaults.data:
+        return "bbc:tech", False
+    if defaults.val_data:
+        return defaults.val_data, False
+    return defaults.data, not is_bbc_spec(defaults.data)
 
 
 def generate_cmd(
@@ -272,6 +317,8 @@ def merge_cmd(
         if weight and len(weight) != len(adapter):
             raise ValueError(f"{len(weight)} --weight values for {len(adapter)} adapters; give one per adapter or none")
         out = Path(output)
+        if out.exists() and not out.is_dir():
+            raise FileExistsError(f"{str(out)!r} is a file; give a folder for the merged model")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise FileExistsError(f"{str(out)!r} exists and is not empty; pass --overwrite to replace it")
         session = open_session(adapter, model=model)

@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 _CACHE_FORMAT = 1
 _MANIFEST = "deltaw_cache.json"
 _WEIGHTS = "model.safetensors"
+_HASH_CHUNK = 16 << 20  # bytes per read when hashing the cached weights
 _STALE_TMP_SECONDS = 3600  # a conversion takes under a minute; an older temp folder is a killed run's leftover
 _FINGERPRINT_CHUNK = 4 << 20
 
@@ -375,6 +376,7 @@ def _write_cache_atomically(
     try:
         _chmod_like_umask(tmp, 0o777)  # mkdtemp makes it 0700; a cache shared via DELTAW_CACHE must be readable
         save_file(tensors, str(tmp / _WEIGHTS), metadata={"format": "pt"})
+        manifest = {**manifest, "weights_sha256": _sha256(tmp / _WEIGHTS)}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         model.generation_config.to_json_file(str(tmp / "generation_config.json"))
         tokenizer.save_pretrained(str(tmp))
@@ -453,8 +455,22 @@ def _transformers_version() -> str:
     return str(transformers.__version__)
 
 
+def _sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks (~0.4 s for SmolLM2's 540 MB of weights)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _load_cache(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Validate and load a cache folder; raise :class:`_InvalidCache` saying what is wrong."""
+    """Validate and load a cache folder; raise :class:`_InvalidCache` saying what is wrong.
+
+    Why the transformers version and the weights' hash are checked: another transformers may convert GGUF
+    differently (tensor layout, config keys), and a weights file damaged in place (bit rot, an interrupted copy
+    over an existing cache) keeps its size and keys, so it would otherwise load as NaN or wrong weights.
+    """
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -468,6 +484,9 @@ def _load_cache(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
         raise _InvalidCache(f"cache format {manifest.get('format')!r}, expected {_CACHE_FORMAT}")
     if "model_type" not in config:
         raise _InvalidCache("config.json has no model_type")
+    if manifest.get("transformers") != _transformers_version():
+        raise _InvalidCache(f"written by transformers {manifest.get('transformers')!r}, this is "
+                            f"{_transformers_version()}")
     if not (folder / "tokenizer.json").is_file():
         raise _InvalidCache("tokenizer.json missing")
     try:
@@ -479,6 +498,15 @@ def _load_cache(folder: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     if keys != expected:
         missing, extra = sorted(expected - keys), sorted(keys - expected)
         raise _InvalidCache(f"{_WEIGHTS} tensors differ from the manifest (missing {missing[:3]}, extra {extra[:3]})")
+    recorded = manifest.get("weights_sha256")
+    if not isinstance(recorded, str):
+        raise _InvalidCache(f"the manifest records no checksum of {_WEIGHTS} (written by an older deltaw)")
+    try:
+        actual = _sha256(folder / _WEIGHTS)
+    except OSError as exc:
+        raise _InvalidCache(f"{_WEIGHTS} unreadable: {exc}") from exc
+    if actual != recorded:
+        raise _InvalidCache(f"{_WEIGHTS} is damaged: its sha256 differs from the one recorded when it was written")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

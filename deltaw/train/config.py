@@ -22,6 +22,9 @@ IDENTITY_FIELDS = (
     "steps", "epochs", "batch_size", "grad_accum", "seq_len", "seed", "weight_decay", "max_grad_norm",
     "precision", "adapter_name", "max_train_examples", "early_stopping_patience", "early_stopping_min_delta",
 )
+# With early stopping these decide which evaluations happen, on which examples, and so when training stops and
+# which adapter is kept: they change the result, so a resume must agree on them too.
+EARLY_STOPPING_IDENTITY_FIELDS = ("eval_every", "eval_max_examples")
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,15 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a finite positive number, got {value!r}")
         if not (0.0 <= self.dropout < 1.0):
             raise ValueError(f"TrainConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.weight_decay < 0 or self.early_stopping_min_delta < 0:
-            raise ValueError("TrainConfig.weight_decay and early_stopping_min_delta must be >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+        for name in ("weight_decay", "early_stopping_min_delta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value!r}")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise ValueError(f"TrainConfig.max_grad_norm must be None or > 0, got {self.max_grad_norm!r}")
         if self.early_stopping_patience and not self.eval_every:
             raise ValueError("early stopping needs periodic validation: set eval_every (e.g. 10) as well")
+        _check_device(self.device)
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite contradict each other: pick one")
 
@@ -112,8 +118,9 @@ class TrainConfig:
         return asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The fields a checkpoint must agree with to be resumed."""
-        return {name: getattr(self, name) for name in IDENTITY_FIELDS}
+        """The fields a checkpoint must agree with to be resumed (the evaluation cadence too, with early stopping)."""
+        names = IDENTITY_FIELDS + (EARLY_STOPPING_IDENTITY_FIELDS if self.early_stopping_patience else ())
+        return {name: getattr(self, name) for name in names}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -123,3 +130,15 @@ class TrainConfig:
 def _positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+
+
+def _check_device(pref: object) -> None:
+    """Refuse a device string torch cannot parse now, rather than with a RuntimeError once training starts."""
+    import torch
+
+    if pref == "auto":
+        return
+    try:
+        torch.device(pref)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError):
+        raise ValueError(f"TrainConfig.device: unknown device {pref!r}; expected auto, cpu, cuda or cuda:N") from None

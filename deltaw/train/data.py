@@ -10,6 +10,7 @@ normaliser) locally, taking only its own share to the model.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 IGNORE_INDEX = -100  # what torch's cross_entropy ignores; prompt and padding positions carry it
 VAL_FRACTION = 0.1  # held out of a local file when no validation data is given
 _VAL_SEED = 1234  # fixed, so the held-out part of a file never depends on the training seed
+_MIN_HOLD_OUT = 10  # smaller files train on everything (a 0-1 example validation set measures nothing)
+_LIMIT_SEED = 4321  # fixed, so capped train/validation subsets never depend on the training seed
 
 
 # ---- data specs ----------------------------------------------------------------------------------------
@@ -58,8 +61,9 @@ def is_bbc_spec(spec: str) -> bool:
 def load_splits(spec: str, val_spec: str | None = None) -> DataSplits:
     """Resolve ``spec`` into train / validation / test datasets.
 
-    BBC uses its fixed 80/10/10 split. A local path trains on everything except a deterministic 10 % held out
-    for validation (unless ``val_spec`` names validation data); a local path has no test split.
+    BBC uses its fixed 80/10/10 split. A local path trains on everything except a deterministic ~10 % held out
+    for validation (unless ``val_spec`` names validation data); a local path has no test split. Labels of a
+    separate ``val_spec`` keep their own ids here: :func:`align_labels` maps them onto the training names.
     """
     if is_bbc_spec(spec):
         topics = parse_bbc_spec(spec)
@@ -69,9 +73,11 @@ def load_splits(spec: str, val_spec: str | None = None) -> DataSplits:
     else:
         full = load_local(spec)
         train, validation = full, None
-        if val_spec is None and len(full) >= 10:
-            train, validation = _hold_out(full, VAL_FRACTION)
-            log.info("held out %d of %d examples of %s for validation", len(validation), len(full), spec)
+        if val_spec is None:
+            held = hold_out(full)
+            if held is not None:
+                train, validation = held
+                log.info("held out %d of %d examples of %s for validation", len(validation), len(full), spec)
         test = None
     if val_spec is not None:
         validation = load_eval_dataset(val_spec, split="validation")
@@ -80,11 +86,42 @@ def load_splits(spec: str, val_spec: str | None = None) -> DataSplits:
     return DataSplits(train, validation, test, spec)
 
 
-def load_eval_dataset(spec: str, split: str = "test") -> TextDataset | PromptResponseDataset:
-    """A dataset to measure on: a BBC split, or a whole local file (the user holds it out)."""
+def load_eval_dataset(spec: str, split: str = "test", *, held_out: bool = False) -> TextDataset | PromptResponseDataset:
+    """A dataset to measure on: a BBC split, or a local file.
+
+    A local file is used whole (the user held it out), unless ``held_out``: then only the part that training
+    on ``spec`` held out for validation -- what ``deltaw eval`` measures when it falls back to the adapter's
+    own training data, which would otherwise score the examples the adapter was trained on.
+    """
     if is_bbc_spec(spec):
         return load_bbc(split, parse_bbc_spec(spec))
-    return load_local(spec)
+    full = load_local(spec)
+    if not held_out:
+        return full
+    held = hold_out(full)
+    if held is None:
+        raise DatasetError(f"{spec!r} is too small ({len(full)} examples) to have had a held-out part; every "
+                           "example was trained on. Give evaluation data explicitly (--data)")
+    return held[1]
+
+
+def align_labels(ds: TextDataset | PromptResponseDataset, label_names: Sequence[str], what: str) -> TextDataset:
+    """``ds`` with its label ids re-expressed in ``label_names`` (matched by name, not by position).
+
+    Why: label ids are positions in each file's own sorted label set, so a validation file lacking one training
+    class would otherwise have every later class silently shifted onto the wrong id.
+    """
+    if not isinstance(ds, TextDataset) or not ds.is_labeled:
+        raise DatasetError(f"{what}: classification needs labeled texts")
+    names = list(label_names)
+    if list(ds.label_names) == names:
+        return ds
+    unknown = sorted(set(ds.label_names[y] for y in ds.labels) - set(names))
+    if unknown:
+        raise DatasetError(f"{what}: label(s) {unknown} do not occur in the training labels {names}; "
+                           "evaluate with data whose labels the model was trained on")
+    index = {n: i for i, n in enumerate(names)}
+    return TextDataset(list(ds.texts), [index[ds.label_names[y]] for y in ds.labels], names, list(ds.ids))
 
 
 def _subset(ds: TextDataset | PromptResponseDataset, idx: Sequence[int]) -> TextDataset | PromptResponseDataset:
@@ -95,16 +132,53 @@ def _subset(ds: TextDataset | PromptResponseDataset, idx: Sequence[int]) -> Text
     return TextDataset([ds.texts[i] for i in idx], labels, list(ds.label_names), ids)
 
 
-def _hold_out(ds, fraction: float):
+def _normalised(ds: TextDataset | PromptResponseDataset, i: int) -> str:
+    """The text an example is grouped by: case- and whitespace-insensitive, so near-verbatim copies match."""
+    raw = f"{ds.prompts[i]}\x00{ds.responses[i]}" if isinstance(ds, PromptResponseDataset) else ds.texts[i]
+    return " ".join(raw.casefold().split())
+
+
+def hold_out(ds: TextDataset | PromptResponseDataset, fraction: float = VAL_FRACTION):
+    """Split ``ds`` into (train, held-out) with about ``fraction`` of the examples held out, or None if too small.
+
+    Examples are grouped by their normalised text and whole groups are assigned, in the order of a stable hash
+    of that text, so every copy of a duplicated example lands on the same side (splitting by position leaked
+    duplicates into both). The choice depends only on the texts: not on file order, seeds or the process.
+    """
     n = len(ds)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_VAL_SEED)).tolist()
+    if n < _MIN_HOLD_OUT:
+        return None
+    groups: dict[str, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(_normalised(ds, i), []).append(i)
+    if len(groups) < 2:
+        return None
+    order = sorted(groups, key=lambda t: hashlib.sha256(f"{_VAL_SEED}:{t}".encode()).digest())
     k = max(1, int(round(n * fraction)))
-    return _subset(ds, sorted(perm[k:])), _subset(ds, sorted(perm[:k]))
+    held: list[int] = []
+    for text in order:
+        if len(held) + len(groups[text]) <= k:
+            held.extend(groups[text])
+            if len(held) == k:
+                break
+    if not held:  # every group is larger than the target: hold out the smallest one
+        held = list(min((groups[t] for t in order), key=len))
+    held_set = set(held)
+    if len(held_set) == n:
+        return None
+    return _subset(ds, [i for i in range(n) if i not in held_set]), _subset(ds, sorted(held_set))
 
 
-def limit(ds, max_examples: int | None):
-    """The first ``max_examples`` examples (a deterministic cap)."""
-    return ds if max_examples is None or len(ds) <= max_examples else _subset(ds, range(max_examples))
+def limit(ds, max_examples: int | None, seed: int = _LIMIT_SEED):
+    """At most ``max_examples`` examples: a fixed-seed random subset, kept in the data's order.
+
+    Why not the first N: BBC (and many files) are sorted by label, so the head of a split can hold only one or
+    two classes. The subset depends only on ``seed`` and the dataset size, so it is the same every run.
+    """
+    if max_examples is None or len(ds) <= max_examples:
+        return ds
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)).tolist()
+    return _subset(ds, sorted(perm[:max_examples]))
 
 
 # ---- tokenization --------------------------------------------------------------------------------------

@@ -37,11 +37,28 @@ class DistContext:
 
 
 def pick_device(pref: str, local_rank: int = 0) -> torch.device:
+    """The device for this process; a device that does not exist here is a ``ValueError`` naming it.
+
+    Why check: torch fails late and obscurely (an AssertionError deep in CUDA init, a RuntimeError parsing
+    the string) where the user only needs to hear which devices this machine has.
+    """
     if pref == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(pref)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
+    try:
+        device = torch.device(pref)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {pref!r}; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {pref!r} requested but CUDA is not available on this machine; use --device cpu "
+                             "or auto")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+        if device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} does not exist: this machine has {torch.cuda.device_count()} "
+                             "CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {pref!r} requested but MPS is not available on this machine")
     return device
 
 

@@ -37,7 +37,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist_util
 from . import report
 from .config import TrainConfig
-from .data import BatchStream, Example, collate, limit, load_splits, pad_id_of, shard, tokenize_causal, tokenize_classification
+from .data import (BatchStream, Example, align_labels, collate, is_bbc_spec, limit, load_splits, pad_id_of, shard,
+                   tokenize_causal, tokenize_classification)
 from .evaluate import EvalResult, evaluate
 from .loading import load_for_task
 from .objectives import loss_sum
@@ -163,10 +164,27 @@ def _lora_config(config: TrainConfig, model: nn.Module) -> LoraConfig:
                       dropout=config.dropout, modules_to_save=saved)
 
 
+def resolved_spec(spec: str) -> str:
+    """A data or model spec as it should be recorded: an existing local path made absolute, anything else as typed.
+
+    Why: the adapter is read later from another directory (``deltaw eval -a RUN`` from anywhere), where a relative
+    path would name another file or none; names such as 'bbc:tech' or 'smollm2' are not paths and stay.
+    """
+    if is_bbc_spec(spec):
+        return spec
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if path.exists() else spec
+
+
+def _base_model_name(config: TrainConfig) -> str:
+    return resolved_spec(config.model) if config.model else EMBEDDED_NAMES[config.task]
+
+
 def _adapter_metadata(config: TrainConfig, label_names: Sequence[str]) -> dict:
-    meta = {"task_type": PEFT_TASK[config.task], "deltaw_task": config.task, "data": config.data,
-            "seq_len": config.seq_len,
-            "base_model_name_or_path": config.model or EMBEDDED_NAMES[config.task]}
+    meta = {"task_type": PEFT_TASK[config.task], "deltaw_task": config.task, "data": resolved_spec(config.data),
+            "seq_len": config.seq_len, "base_model_name_or_path": _base_model_name(config)}
+    if config.val_data:
+        meta["val_data"] = resolved_spec(config.val_data)
     if label_names:
         meta["label_names"] = list(label_names)
     return meta
@@ -223,6 +241,9 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
     if config.task == "classification" and len(label_names) < 2:
         raise DatasetError(f"classification needs labeled data with at least 2 labels; {config.data!r} has "
                            f"{len(label_names)} ({', '.join(label_names) or 'unlabeled'})")
+    validation = splits.validation
+    if config.task == "classification" and validation is not None:
+        validation = align_labels(validation, label_names, f"validation data {config.val_data or config.data!r}")
     if model is None:
         model, tokenizer = load_for_task(config.task, config.model, num_labels=len(label_names),
                                          label_names=label_names, seed=config.seed, device=ctx.device)
@@ -236,8 +257,8 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
     pad_id = pad_id_of(tokenizer)
     examples = _tokenize(config.task, train_ds, tokenizer, config.seq_len, f"training data {config.data!r}")
     val_examples: list[Example] = []
-    if splits.validation is not None and len(splits.validation):
-        val_examples = _tokenize(config.task, limit(splits.validation, config.eval_max_examples), tokenizer,
+    if validation is not None and len(validation):
+        val_examples = _tokenize(config.task, limit(validation, config.eval_max_examples), tokenizer,
                                  config.seq_len, "validation data")
     elif config.eval_every or config.early_stopping_patience:
         log.warning("no validation data: periodic evaluation and early stopping are off")
@@ -296,7 +317,7 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
                  config.task, name, n_trainable, len(examples), total, global_batch)
 
     def save_adapter(directory: Path) -> None:
-        peft_io.save(model, directory, name, base_model_name_or_path=config.model or EMBEDDED_NAMES[config.task])
+        peft_io.save(model, directory, name, base_model_name_or_path=_base_model_name(config))
 
     def run_eval() -> EvalResult:
         return evaluate(model, val_examples, config.task, pad_id=pad_id, batch_size=max(config.batch_size, 8),

@@ -30,6 +30,7 @@ class AdapterDefaults:
     task: str | None = None
     model: str | None = None
     data: str | None = None
+    val_data: str | None = None  # the run's separate validation data, if it had one
     seq_len: int | None = None
     label_names: list[str] = field(default_factory=list)
 
@@ -40,7 +41,7 @@ def adapter_defaults(directory: str | Path) -> AdapterDefaults:
     task = meta.get("deltaw_task") or {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}.get(
         adapter.peft.get("task_type") or "")
     return AdapterDefaults(task=task, model=meta.get("base_model_name_or_path") or adapter.peft.get("base_model_name_or_path"),
-                           data=meta.get("data"), seq_len=meta.get("seq_len"), label_names=list(meta.get("label_names", [])))
+                           data=meta.get("data"), val_data=meta.get("val_data"), seq_len=meta.get("seq_len"), label_names=list(meta.get("label_names", [])))
 
 
 def model_argument(value: str | None) -> str | None:
