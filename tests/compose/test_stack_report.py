@@ -103,7 +103,7 @@ def test_compose_cli(tiny_setup, tmp_path):
         deltaw.delete(model, "ab_cli")
         deltaw.delete(model, "ab_mem")
     bad = CliRunner().invoke(app, ["compose", str(dirs["alpha"]), "--method", "nope", "--out", str(tmp_path / "x")])
-    assert bad.exit_code == 1 and "unknown compose method" in bad.output
+    assert bad.exit_code == 2 and "unknown compose method" in bad.output
 
 
 def test_parse_source():
