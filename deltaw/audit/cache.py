@@ -3,7 +3,8 @@
 Why a cache: ``deltaw audit --out DIR`` with no adapter must have something to audit, and training takes
 minutes on a CPU; the second audit should take only the measuring time. Each adapter is cached on its own
 under ``<cache>/audit/<probe>-<name>-<key>/`` (PEFT format plus ``debias.json``), where ``key`` hashes
-everything that decides the result: a fingerprint of the base model's weights, the probe fields training
+everything that decides the result: a fingerprint of every byte of the base model's weights and of
+the tokenizer, the probe fields training
 reads (attribute words, modifiers, neutral texts, slot), the target, the train fillers/templates and every :class:`DebiasConfig` field. Change any of them and a
 new adapter is trained; nothing stale is ever reused. Entries are written to a temporary folder and
 renamed into place, so an interrupted training leaves no half-written cache.
@@ -31,7 +32,7 @@ from .probe import Probe
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: full-weight fingerprint and the tokenizer in the key
 RESULT_NAME = "debias.json"
 
 
@@ -46,9 +47,14 @@ def default_cache_root() -> Path:
         return Path.home() / ".cache" / "deltaw" / "audit"
 
 
-def model_fingerprint(model: nn.Module, samples: int = 32) -> str:
-    """A hash of every base weight's name, shape and ``samples`` evenly spaced values (pristine W0 when
-    adapters are merged; wrappers and adapter factors are ignored, so attaching changes nothing)."""
+def model_fingerprint(model: nn.Module) -> str:
+    """A hash of every base weight's name, shape, dtype and *all* its bytes (pristine W0 when adapters are
+    merged; wrappers and adapter factors are ignored, so attaching changes nothing).
+
+    Why every byte: an edited or sparsely fine-tuned checkpoint may differ from its parent in only a few
+    values, and a sampled hash would then hand it the parent's stale adapter. Hashing is a few seconds even
+    for SmolLM2, nothing next to training.
+    """
     weights: dict[str, torch.Tensor] = {}
     st = model.__dict__.get("_deltaw_state")
     for name, p in model.named_parameters():
@@ -61,22 +67,59 @@ def model_fingerprint(model: nn.Module, samples: int = 32) -> str:
     h = hashlib.sha256()
     for name in sorted(weights):
         w = weights[name]
-        h.update(f"{name}:{tuple(w.shape)}".encode())
+        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
         if w.device.type == "meta":
             continue
-        flat = w.detach().reshape(-1)
-        n = flat.numel()
-        k = min(samples, n)
-        idx = torch.tensor([round(i * (n - 1) / max(k - 1, 1)) for i in range(k)], dtype=torch.long, device=flat.device)
-        h.update(flat[idx].float().cpu().numpy().tobytes())
+        h.update(tensor_bytes(w))
+    return h.hexdigest()
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of ``t`` (any dtype: bf16 and float8 have no numpy type, so every tensor is viewed as
+    uint8), on the CPU, without a copy when it already is contiguous there."""
+    flat = t.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str | None:
+    """A hash of what decides the token ids training reads: the full serialised fast tokenizer (vocabulary,
+    merges, normaliser, special-token post-processing) when there is one, else class, vocabulary, length
+    and special tokens. None for no tokenizer.
+
+    Why: the same weights with another tokenizer see other ids for the same prompts, so a cached adapter
+    trained through one tokenizer is wrong for the other.
+    """
+    if tokenizer is None:
+        return None
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    elif hasattr(tokenizer, "get_vocab"):
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    else:
+        h.update(str(getattr(tokenizer, "name_or_path", "")).encode())
+    try:
+        length = len(tokenizer)
+    except TypeError:
+        length = None
+    special = getattr(tokenizer, "special_tokens_map", None)
+    h.update(json.dumps({"len": length, "special": special,
+                         "bos": getattr(tokenizer, "add_bos_token", None)}, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 
 def cache_key(model: nn.Module, probe: Probe, config: DebiasConfig, fillers: Sequence[str],
-              templates: Sequence[str], target: dict[str, float]) -> str:
+              templates: Sequence[str], target: dict[str, float], *, tokenizer: Any = None) -> str:
     # Only what training reads (documentation fields such as "source" may change freely).
     used = {"slot": probe.slot, "values": probe.values, "modifiers": probe.modifiers, "neutral": probe.neutral}
-    blob = json.dumps({"format": CACHE_FORMAT, "model": model_fingerprint(model), "probe": used,
+    blob = json.dumps({"format": CACHE_FORMAT, "model": model_fingerprint(model),
+                       "tokenizer": tokenizer_fingerprint(tokenizer), "probe": used,
                        "target": target, "fillers": list(fillers), "templates": list(templates),
                        "config": config.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -93,7 +136,7 @@ def cached_debias_adapter(model: nn.Module, tokenizer, probe: Probe, config: Deb
     fillers = list(fillers) if fillers is not None else list(probe.fillers["train"])
     templates = list(probe.templates["train"])
     root = Path(cache_root).expanduser() if cache_root is not None else default_cache_root()
-    key = cache_key(model, probe, config, fillers, templates, dict(probe.target))
+    key = cache_key(model, probe, config, fillers, templates, dict(probe.target), tokenizer=tokenizer)
     final = root / f"{probe.name}-{name}-{key}"
     if final.is_dir() and not retrain:
         try:

@@ -325,18 +325,27 @@ def train_debias(model: nn.Module, tokenizer, probe: Probe, config: DebiasConfig
         probe: prompts, attribute tokens, target and neutral texts (see ``probe``).
         fillers / templates: what to train on (default: the probe's train fillers and train templates);
             the held-out ones are never seen, so evaluation on them measures generalisation.
-        target: overrides the probe's target distribution.
+        target: overrides the probe's target distribution (validated like a probe's ``target``); the
+            before/after TV is measured against it.
         evaluate: measure TV to target on the train and held-out cells before and after (a few seconds).
 
     Returns the result; the adapter stays attached and active (not merged), like ``deltaw.train.train``.
     Other resident adapters are deactivated during training and stay so (activate what you need after).
+    The global torch RNG is left as it was (the seed is applied inside ``torch.random.fork_rng``).
+
+    All-or-nothing: if training raises (e.g. ``FloatingPointError`` from a too-high learning rate), the
+    adapter is deleted again and the previous activation, ``requires_grad`` flags and train/eval mode are
+    restored, so a retry with the same ``name`` works.
     """
     config = config or DebiasConfig()
     fillers = list(fillers) if fillers is not None else list(probe.fillers["train"])
     templates = list(templates) if templates is not None else list(probe.templates["train"])
     if not fillers or not templates:
         raise ValueError("train_debias needs at least one filler and one template")
-    goal = dict(target) if target is not None else dict(probe.target)
+    # The reported before/after TV must be measured against the distribution actually trained towards, so
+    # an overriding target replaces the probe's (validated and normalised like a probe file's target).
+    goal_probe = probe.with_target(target) if target is not None else probe
+    goal = dict(goal_probe.target)
     target_t = torch.tensor([goal[v] for v in probe.value_names], dtype=torch.float32)
     tokens = attribute_tokens(tokenizer, probe)
     device = next(model.parameters()).device
@@ -349,77 +358,37 @@ def train_debias(model: nn.Module, tokenizer, probe: Probe, config: DebiasConfig
     neutral_ids = encode_prompts(tokenizer, list(probe.neutral["train"])) if config.neutral_weight > 0 else []
 
     lora = lora_config_for(model, config)
-    torch.manual_seed(config.seed)
-    info = api.attach(model, lora, name)
-    info.metadata.update({"objective": OBJECTIVE, "probe": probe.name, "target": goal, "train_fillers": fillers,
-                          "train_templates": templates, "debias_config": config.to_dict()})
+    # All-or-nothing: a failed run (a too-high learning rate, an interrupt) must leave the model as it was --
+    # no half-trained adapter squatting on ``name`` (a retry would hit AdapterNameError), the caller's
+    # activation, trainable flags and train/eval mode back. Snapshot them before ``attach`` touches anything.
+    previous_active = api.active(model) if api.adapters(model) else ()
+    previous_grad = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
-    model.eval()  # no dropout anywhere: the objective compares against deterministic base outputs
-    try:
-        api.activate(model, name)
-        api.set_trainable(model, name)
-        with torch.no_grad():
-            before = _tv_by_cell(model, tokenizer, probe, tokens, fillers, templates, base=True) if evaluate else {}
-        prefix = FrozenPrefix.build(model, info.modules, prompt_ids) if config.frozen_prefix else None
-        run = _Runner(model, prefix)
-        # Base references, computed once: exactly the base model (every adapter off, merged ones included).
-        with torch.no_grad(), api.disabled(model):
-            base_neutral = run.all_logprobs(neutral_ids) if neutral_ids else []
-            base_control = (attribute_distribution(run.last_logits(control_ids), tokens)[0]
-                            if control_ids else torch.zeros(0, len(tokens.values)))
-        params = [p for p in api.adapter_parameters(model, name) if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-        gen = torch.Generator().manual_seed(config.seed)
-        history: list[dict[str, float]] = []
-        stopped_early = False
-        step = 0
-        for step in range(config.steps):
-            if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
-                stopped_early = True
-                log.warning("debias training stopped at step %d/%d: --max-seconds %.0f reached", step,
-                            config.steps, config.max_seconds)
-                break
-            lr = lr_at(step, config.steps, config.warmup, config.lr, config.schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            pick = torch.randperm(len(prompt_ids), generator=gen)[:config.batch_size].tolist()
-            logits = run.last_logits([prompt_ids[i] for i in pick])
-            balance, p_attr = _balance_loss(logits, tokens, target_t.to(device))
-            loss = balance
-            entry = {"step": step + 1, "lr": lr, "balance": float(balance.detach()),
-                     "batch_tv": float(total_variation(p_attr.double().cpu(), target_t.double()).mean())}
-            if control_ids:
-                cpick = torch.randperm(len(control_ids), generator=gen)[:config.control_batch].tolist()
-                c_loss = _control_loss(run.last_logits([control_ids[i] for i in cpick]), tokens,
-                                       base_control[cpick].to(device))
-                loss = loss + config.control_weight * c_loss
-                entry["control"] = float(c_loss.detach())
-            if neutral_ids:
-                npick = torch.randperm(len(neutral_ids), generator=gen)[:config.neutral_batch].tolist()
-                n_loss = run.neutral_loss([neutral_ids[i] for i in npick], [base_neutral[i] for i in npick])
-                loss = loss + config.neutral_weight * n_loss
-                entry["neutral"] = float(n_loss.detach())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
-                raise FloatingPointError(f"non-finite gradient at step {step + 1}; lower the learning rate")
-            optimizer.step()
-            entry["loss"] = float(loss.detach())
-            entry["seconds"] = round(time.perf_counter() - start, 2)
-            history.append(entry)
-            if callback is not None:
-                callback(entry)
-            if (step + 1) % 10 == 0 or step == 0:
-                log.info("debias %s step %d/%d loss %.4f (balance %.4f, batch TV %.3f)", name, step + 1,
-                         config.steps, entry["loss"], entry["balance"], entry["batch_tv"])
-        steps_done = len(history)
-        with torch.no_grad():
-            after = _tv_by_cell(model, tokenizer, probe, tokens, fillers, templates) if evaluate else {}
-    finally:
-        model.train(was_training)
+    # The seed fixes the adapter's init and batch order without reseeding the caller's global RNG.
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(config.seed)
+        info = api.attach(model, lora, name)
+        try:
+            before, after, history, stopped_early, params = _train_attached(
+                model, tokenizer, probe, goal_probe, config, name, info, tokens, target_t, prompt_ids, control_ids,
+                neutral_ids, fillers, templates, start, evaluate, callback)
+        except BaseException:
+            try:
+                api.delete(model, name)
+                if api.adapters(model):
+                    api.activate(model, dict(previous_active))
+            finally:
+                for p, flag in previous_grad:
+                    p.requires_grad_(flag)
+            raise
+        finally:
+            model.train(was_training)
     api.set_trainable(model, None)
+    steps_done = len(history)
+    info.metadata.update({"objective": OBJECTIVE, "probe": probe.name, "target": goal, "train_fillers": fillers,
+                          "train_templates": templates, "debias_config": config.to_dict(), "steps": steps_done})
     seconds = time.perf_counter() - start
-    info.metadata.update({"steps": steps_done})
     if evaluate:
         log.info("debias %s: TV to target train %.4f -> %.4f, held-out %s -> %s (%.0fs)", name,
                  before.get("train", math.nan), after.get("train", math.nan), before.get("heldout"),
@@ -427,3 +396,76 @@ def train_debias(model: nn.Module, tokenizer, probe: Probe, config: DebiasConfig
     return DebiasResult(name=name, config=config, lora=lora, steps=steps_done, seconds=seconds,
                         stopped_early=stopped_early, history=history, before=before, after=after,
                         trainable_params=sum(p.numel() for p in params))
+
+
+def _train_attached(model: nn.Module, tokenizer, probe: Probe, goal_probe: Probe, config: DebiasConfig, name: str,
+                    info, tokens: AttributeTokens, target_t: torch.Tensor, prompt_ids: list[list[int]],
+                    control_ids: list[list[int]], neutral_ids: list[list[int]], fillers: list[str],
+                    templates: list[str], start: float, evaluate: bool,
+                    callback: Callable[[dict[str, float]], None] | None
+                    ) -> tuple[dict[str, float], dict[str, float], list[dict[str, float]], bool, list[nn.Parameter]]:
+    """The training loop of :func:`train_debias` on the freshly attached adapter ``name``.
+
+    Returns (before, after, history, stopped_early, params); the caller owns clean-up on failure.
+    """
+    device = next(model.parameters()).device
+    model.eval()  # no dropout anywhere: the objective compares against deterministic base outputs
+    api.activate(model, name)
+    api.set_trainable(model, name)
+    with torch.no_grad():
+        before = _tv_by_cell(model, tokenizer, goal_probe, tokens, fillers, templates, base=True) if evaluate else {}
+    prefix = FrozenPrefix.build(model, info.modules, prompt_ids) if config.frozen_prefix else None
+    run = _Runner(model, prefix)
+    # Base references, computed once: exactly the base model (every adapter off, merged ones included).
+    with torch.no_grad(), api.disabled(model):
+        base_neutral = run.all_logprobs(neutral_ids) if neutral_ids else []
+        base_control = (attribute_distribution(run.last_logits(control_ids), tokens)[0]
+                        if control_ids else torch.zeros(0, len(tokens.values)))
+    params = [p for p in api.adapter_parameters(model, name) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    stopped_early = False
+    step = 0
+    for step in range(config.steps):
+        if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+            stopped_early = True
+            log.warning("debias training stopped at step %d/%d: --max-seconds %.0f reached", step,
+                        config.steps, config.max_seconds)
+            break
+        lr = lr_at(step, config.steps, config.warmup, config.lr, config.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        pick = torch.randperm(len(prompt_ids), generator=gen)[:config.batch_size].tolist()
+        logits = run.last_logits([prompt_ids[i] for i in pick])
+        balance, p_attr = _balance_loss(logits, tokens, target_t.to(device))
+        loss = balance
+        entry = {"step": step + 1, "lr": lr, "balance": float(balance.detach()),
+                 "batch_tv": float(total_variation(p_attr.double().cpu(), target_t.double()).mean())}
+        if control_ids:
+            cpick = torch.randperm(len(control_ids), generator=gen)[:config.control_batch].tolist()
+            c_loss = _control_loss(run.last_logits([control_ids[i] for i in cpick]), tokens,
+                                   base_control[cpick].to(device))
+            loss = loss + config.control_weight * c_loss
+            entry["control"] = float(c_loss.detach())
+        if neutral_ids:
+            npick = torch.randperm(len(neutral_ids), generator=gen)[:config.neutral_batch].tolist()
+            n_loss = run.neutral_loss([neutral_ids[i] for i in npick], [base_neutral[i] for i in npick])
+            loss = loss + config.neutral_weight * n_loss
+            entry["neutral"] = float(n_loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not all(torch.isfinite(p.grad).all() for p in params if p.grad is not None):
+            raise FloatingPointError(f"non-finite gradient at step {step + 1}; lower the learning rate")
+        optimizer.step()
+        entry["loss"] = float(loss.detach())
+        entry["seconds"] = round(time.perf_counter() - start, 2)
+        history.append(entry)
+        if callback is not None:
+            callback(entry)
+        if (step + 1) % 10 == 0 or step == 0:
+            log.info("debias %s step %d/%d loss %.4f (balance %.4f, batch TV %.3f)", name, step + 1,
+                     config.steps, entry["loss"], entry["balance"], entry["batch_tv"])
+    with torch.no_grad():
+        after = _tv_by_cell(model, tokenizer, goal_probe, tokens, fillers, templates) if evaluate else {}
+    return before, after, history, stopped_early, params

@@ -23,7 +23,8 @@ the same random stream) and scores them with an attribute function (see ``scorer
 frequency among scored samples (KL uses add-½ smoothing, since a frequency can be 0).
 
 Quality cost: perplexity on a small fixed subset of held-out BBC articles, and ``neutral_kl`` -- the mean
-over every position of the probe's held-out neutral texts of KL(base ‖ model) over the whole vocabulary.
+over every position of the probe's held-out neutral texts of KL(base ‖ model) over the whole vocabulary
+(None, with ``neutral_kl_note`` in the row, when the probe has no held-out neutral texts).
 Controllability: with the value stated ("The female carpenter said that") that value must stay the argmax
 of p_attr; the fraction of such prompts where it is.
 """
@@ -48,6 +49,8 @@ from .probe import Probe, ProbeError, Prompt
 log = logging.getLogger(__name__)
 
 CELLS = ("train", "heldout_fillers", "heldout_templates", "heldout")
+NO_HELDOUT_NEUTRAL = ("the probe has no held-out neutral texts: neutral KL not measured (the train neutral texts are "
+                      "what debias training keeps close to the base, so a KL on them would understate the cost)")
 
 
 # ---- token ids -----------------------------------------------------------------------------------------
@@ -219,6 +222,13 @@ def bbc_perplexity_ids(tokenizer, *, per_topic: int = 2, seq_len: int = 128) -> 
 
 
 # ---- sampled mode --------------------------------------------------------------------------------------
+def check_sampling(n_samples: int, max_new_tokens: int) -> None:
+    """Refuse sampling settings that cannot give a frequency: 0 samples is 0/0, 0 new tokens scores nothing."""
+    for name, value in (("n_samples", n_samples), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"sampled mode: {name} must be an integer >= 1, got {value!r}")
+
+
 @torch.no_grad()
 def sampled_distribution(model: nn.Module, tokenizer, prompts: Sequence[str], score: Callable[[str], str | None],
                          values: Sequence[str], *, n_samples: int = 16, max_new_tokens: int = 12,
@@ -450,6 +460,7 @@ def measure(model: nn.Module, tokenizer, probe: Probe, *, label: str = "model", 
         else:
             if score is None:
                 raise ValueError("sampled mode needs an attribute function (see deltaw.audit.scorers)")
+            check_sampling(n_samples, max_new_tokens)
             counts, unscored, samples = sampled_distribution(
                 model, tokenizer, [p.text for p in prompts], score, values, n_samples=n_samples,
                 max_new_tokens=max_new_tokens, seed=seed)
@@ -462,10 +473,18 @@ def measure(model: nn.Module, tokenizer, probe: Probe, *, label: str = "model", 
             extra["scored"] = scored
             extra["row"] = {"n_samples": n_samples, "max_new_tokens": max_new_tokens,
                             "unscored_fraction": float(unscored.sum() / (n_samples * len(prompts)))}
+        # neutral_kl is a held-out quality cost. Without held-out neutral texts it is not reported (None, with
+        # a note): the train ones are exactly what the debias loss kept close to the base, so a KL on them
+        # would understate the cost. Their log-probs are still computed for the bit-exact "removed" check.
+        neutral_heldout = bool(probe.neutral["heldout"])
         neutral_ids = encode_prompts(tokenizer, list(probe.neutral["heldout"] or probe.neutral["train"]))
         n_logp = all_position_logprobs(model, neutral_ids) if neutral_ids else None
         kl_value = None
-        if n_logp is not None:
+        extra["neutral_split"] = ("heldout" if neutral_heldout else "train") if neutral_ids else None
+        if not neutral_heldout:
+            extra["row"]["neutral_kl_note"] = (NO_HELDOUT_NEUTRAL if neutral_ids else
+                                               "the probe has no neutral texts: neutral KL not measured")
+        if n_logp is not None and neutral_heldout:
             if reference is not None and reference.neutral_logprobs is not None:
                 kl_value = neutral_kl(n_logp, reference.neutral_logprobs)
             elif has_adapters(model):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -257,7 +258,11 @@ def uniform(values: Sequence[str]) -> dict[str, float]:
 
 
 def parse_target(target: Any, values: Sequence[str], where: str = "target") -> dict[str, float]:
-    """``{"male": 0.5, "female": 0.5}``, a JSON string of it, or ``"uniform"``; normalised to sum 1."""
+    """``{"male": 0.5, "female": 0.5}``, a JSON string of it, or ``"uniform"``; normalised to sum 1.
+
+    Raises :class:`ProbeError` unless it names exactly ``values``, each with a finite number >= 0, and the
+    sum is positive.
+    """
     if isinstance(target, str):
         if target.strip().lower() == "uniform":
             return uniform(values)
@@ -267,8 +272,20 @@ def parse_target(target: Any, values: Sequence[str], where: str = "target") -> d
             raise ProbeError(f"{where}: {target!r} is neither 'uniform' nor a JSON object") from None
     if not isinstance(target, dict) or set(target) != set(values):
         raise ProbeError(f"{where}: the target must give a probability for exactly the values {list(values)}")
-    probs = {v: float(target[v]) for v in values}
+    probs: dict[str, float] = {}
+    for v in values:
+        raw = target[v]
+        # JSON allows NaN/Infinity and null; none of them is a probability, and NaN would slip through "< 0".
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ProbeError(f"{where}: the probability of {v!r} must be a number, got {raw!r}")
+        try:
+            p = float(raw)
+        except OverflowError:  # an int beyond float range
+            p = math.inf
+        if not math.isfinite(p) or p < 0:
+            raise ProbeError(f"{where}: the probability of {v!r} must be a finite number >= 0, got {raw!r}")
+        probs[v] = p
     total = sum(probs.values())
-    if any(p < 0 for p in probs.values()) or total <= 0:
-        raise ProbeError(f"{where}: target probabilities must be >= 0 with a positive sum, got {probs}")
+    if not total > 0 or not math.isfinite(total):
+        raise ProbeError(f"{where}: target probabilities must have a positive, finite sum, got {probs}")
     return {v: p / total for v, p in probs.items()}

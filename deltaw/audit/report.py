@@ -37,7 +37,7 @@ from .. import api
 from ..io import peft as peft_io
 from .cache import cached_debias_adapter
 from .debias import DebiasConfig
-from .measure import Measurement, attribute_tokens, bbc_perplexity_ids, measure, neutral_kl
+from .measure import Measurement, attribute_tokens, bbc_perplexity_ids, check_sampling, measure, neutral_kl
 from .probe import Probe, Prompt, load_probe
 from .scorers import resolve_scorer
 
@@ -158,7 +158,11 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     """
     config = config or AuditConfig()
     loader = loader or _default_loader
+    if config.mode == "sampled":
+        check_sampling(config.n_samples, config.max_new_tokens)  # before minutes of adapter training
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"audit output {str(out)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     t0, cpu0 = time.perf_counter(), time.process_time()
     load_before = _loadavg()
@@ -199,8 +203,10 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     rows: dict[str, Measurement | None] = {}
     notes: list[str] = []
     base = run("base", model, None)
-    if base.neutral_logprobs:
+    if base.neutral_logprobs and base.extra.get("neutral_split") == "heldout":
         base.neutral_kl = neutral_kl(base.neutral_logprobs, base.neutral_logprobs)  # 0 by definition
+    elif "neutral_kl_note" in base.extra.get("row", {}):
+        notes.append(base.extra["row"]["neutral_kl_note"])
     rows["base"] = base
 
     # The adapters: the user's, or the default ones (trained on this model, or reused from the cache).

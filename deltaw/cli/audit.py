@@ -50,26 +50,46 @@ def _debias_config(quick: bool, **overrides):
     return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _parse_target(target: str | None) -> dict[str, float] | None:
-    if target is None or target.strip().lower() == "uniform":
-        return None if target is None else {}
-    try:
-        data = json.loads(target)
-    except json.JSONDecodeError:
-        raise typer.BadParameter(f"--target must be 'uniform' or a JSON object like '{{\"male\": 0.5, \"female\": 0.5}}', "
-                                 f"got {target!r}") from None
-    if not isinstance(data, dict):
-        raise typer.BadParameter("--target must be a JSON object")
-    return data
-
-
 def _resolved_target(probe, target: str | None) -> dict[str, float] | None:
-    from deltaw.audit.probe import uniform
+    """``--target`` checked against the probe's values: 'uniform' or a JSON object naming every value with a
+    finite probability >= 0 (normalised). Raises :class:`ProbeError` naming what is wrong."""
+    from deltaw.audit.probe import parse_target
 
-    parsed = _parse_target(target)
-    if parsed == {}:
-        return uniform(probe.value_names)
-    return parsed
+    if target is None:
+        return None
+    return parse_target(target, probe.value_names, "--target")
+
+
+def _chosen_fillers(probe, fillers: str | None) -> list[str] | None:
+    """``--fillers`` as a list of the probe's *train* fillers (None: all of them).
+
+    Why refuse held-out ones: training on them would leak the held-out cell the report's headline number is
+    measured on; and a typo would otherwise only show up as a prompt about a "carpentr".
+    """
+    from deltaw.audit.probe import ProbeError
+
+    if fillers is None:
+        return None
+    chosen = list(dict.fromkeys(f.strip() for f in fillers.split(",") if f.strip()))
+    if not chosen:
+        raise ProbeError("--fillers lists no filler; give comma-separated train fillers of the probe")
+    train = set(probe.fillers["train"])
+    heldout = [f for f in chosen if f in probe.fillers["heldout"]]
+    unknown = [f for f in chosen if f not in train and f not in heldout]
+    problems = []
+    if heldout:
+        problems.append(f"{heldout} are held-out fillers (training on them would leak the held-out evaluation)")
+    if unknown:
+        problems.append(f"{unknown} are not fillers of probe {probe.name!r}")
+    if problems:
+        raise ProbeError("--fillers: " + "; ".join(problems) + f". Train fillers: {', '.join(probe.fillers['train'])}")
+    return chosen
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that exists but is not a directory (before any minutes of work are spent)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} exists and is not a directory; choose a directory path")
 
 
 @audit_app.callback()
@@ -90,11 +110,11 @@ def audit_cmd(
                                                        "returning a value name or None (default: the probe's regex)."),
     attribute_regex: str | None = typer.Option(None, help="Sampled mode: JSON {value: regex} (or a .json file); the "
                                                           "earliest match wins."),
-    samples: int | None = typer.Option(None, help="Sampled mode: continuations per prompt (default 16)."),
-    max_new_tokens: int | None = typer.Option(None, help="Sampled mode: tokens per continuation (default 12)."),
+    samples: int | None = typer.Option(None, min=1, help="Sampled mode: continuations per prompt (default 16)."),
+    max_new_tokens: int | None = typer.Option(None, min=1, help="Sampled mode: tokens per continuation (default 12)."),
     sampled_scope: str = typer.Option("heldout", help="Sampled mode: 'heldout' (held-out fillers x templates, "
                                                       "the headline cell) or 'all' prompts (slow)."),
-    steps: int | None = typer.Option(None, help="Training steps of the default adapters (default 60)."),
+    steps: int | None = typer.Option(None, min=0, help="Training steps of the default adapters (default 60)."),
     quick: bool = typer.Option(False, help="CI size: a few fillers/templates, short training, short perplexity."),
     keep_merged: bool = typer.Option(False, help="Keep the merged plain model in OUT/merged_model."),
     cache_dir: Path | None = typer.Option(None, help="Cache root for default adapters (default $DELTAW_CACHE/audit)."),
@@ -122,16 +142,19 @@ def audit_cmd(
         raise typer.BadParameter("give --attribute-fn or --attribute-regex, not both")
     n = configure_threads(threads)
     try:
+        _check_out_dir(out)
         probe_obj = load_probe(probe)
         config = AuditConfig.quick() if quick else AuditConfig()
         overrides = {"probe": probe, "target": _resolved_target(probe_obj, target), "mode": mode,
                      "attribute_fn": attribute_fn or attribute_regex, "seed": seed, "keep_merged": keep_merged,
                      "n_samples": samples, "max_new_tokens": max_new_tokens, "sampled_scope": sampled_scope}
         config = replace(config, **{k: v for k, v in overrides.items() if v is not None or k in ("probe", "target")})
-        config = replace(config, debias=replace(config.debias, seed=seed, **({"steps": steps} if steps else {})))
+        # ``is not None``: --steps 0 (no training, the adapter stays at its zero-B init) is a valid request.
+        config = replace(config, debias=replace(config.debias, seed=seed,
+                                                **({"steps": steps} if steps is not None else {})))
         report = run_audit(out, config=config, model_path=model, adapter=adapter, stack=stack,
                            train_stack=train_stack, cache_root=cache_dir)
-    except (DeltawError, ProbeError, FileNotFoundError, ValueError) as exc:
+    except (DeltawError, ProbeError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     from deltaw.audit.report import conclusions
@@ -158,7 +181,7 @@ def train_debias_cmd(
     probe: str | None = typer.Option(None, help="Probe name or JSON file (default gender_occupation)."),
     target: str | None = typer.Option(None, help="Target distribution: 'uniform' or JSON {value: prob}."),
     fillers: str | None = typer.Option(None, help="Comma-separated train fillers to use (default: all train fillers)."),
-    steps: int | None = typer.Option(None, help="Optimizer steps (default 60)."),
+    steps: int | None = typer.Option(None, min=0, help="Optimizer steps (default 60)."),
     lr: float | None = typer.Option(None, help="Learning rate (default 2e-3)."),
     r: int | None = typer.Option(None, help="LoRA rank (default 8)."),
     alpha: float | None = typer.Option(None, help="LoRA alpha (default 16)."),
@@ -191,22 +214,26 @@ def run_train_debias(out: Path, *, model: str | None = None, probe: str | None =
     from deltaw.errors import DeltawError
     from deltaw.io import save
 
+    if out.exists() and not out.is_dir():
+        typer.echo(f"error: --out {str(out)!r} exists and is not a directory; choose a directory path", err=True)
+        raise typer.Exit(1)
     if out.exists() and any(out.iterdir()) and not overwrite:
         typer.echo(f"error: {out} exists and is not empty; pass --overwrite", err=True)
         raise typer.Exit(1)
     configure_threads(threads)
     try:
         probe_obj = load_probe(probe)
+        # Checked before the model loads: a bad --target or --fillers should not cost a model load.
+        goal = _resolved_target(probe_obj, target)
+        chosen = _chosen_fillers(probe_obj, fillers)
         config = _debias_config(quick, steps=steps, lr=lr, r=r, alpha=alpha, targets=targets, seed=seed,
                                 neutral_weight=neutral_weight, control_weight=control_weight, max_seconds=max_seconds)
         from deltaw.models import load_causal_lm
 
         lm, tok = load_causal_lm(model)
-        chosen = [f.strip() for f in fillers.split(",") if f.strip()] if fillers else None
-        result = train_debias(lm, tok, probe_obj, config, name=name, fillers=chosen,
-                              target=_resolved_target(probe_obj, target))
+        result = train_debias(lm, tok, probe_obj, config, name=name, fillers=chosen, target=goal)
         save(lm, out, name, base_model_name_or_path=model or "smollm2")
-    except (DeltawError, ProbeError, FileNotFoundError, ValueError) as exc:
+    except (DeltawError, ProbeError, OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
     (out / "debias.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")

@@ -73,6 +73,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Plan a scene with attributes in exact proportions; one prompt and one box per entity."""
         from deltaw.plan import PlanError, get_parser, load_axes, load_joint_table, plan_scene
+        from deltaw.plan.planner import STALE_RENDER
 
         try:
             registry = load_axes(axes or None)
@@ -106,9 +107,12 @@ def register(app: typer.Typer) -> None:
                 gligen_call_kwargs(plan, beta=beta, steps=steps)  # refuse what GLIGEN can't take before loading
                 pipe = load_gligen_pipeline(model or DEFAULT_GLIGEN_MODEL)
                 image = render_gligen(plan, pipe, beta=beta, steps=steps)
-                image.save(out / "render.png")
-                typer.echo(f"wrote {out / 'render.png'}")
+                image.save(out / STALE_RENDER)
+                typer.echo(f"wrote {out / STALE_RENDER}")
         except PlanError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+        except OSError as exc:  # an unwritable --out, a full disk: a message, not a traceback
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(code=2) from None
 

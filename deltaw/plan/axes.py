@@ -143,6 +143,12 @@ def load_axes_file(path: str | Path) -> AxisRegistry:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PlanError(f"axes file {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise PlanError(f"axes file {str(path)!r} is a directory; give the JSON file") from None
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"axes file {str(path)!r} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except OSError as exc:
+        raise PlanError(f"axes file {str(path)!r} cannot be read: {exc}") from None
     except json.JSONDecodeError as exc:
         raise PlanError(f"axes file {str(path)!r} is not valid JSON: {exc}") from None
     return registry_from_dict(data, source=str(path))

@@ -108,6 +108,10 @@ def normalise_mix(mix: str | Sequence[str] | MixSpec | None) -> dict[str, dict[s
     elif not isinstance(mix, Mapping):
         raise PlanError(f"mix must be text like 'skin_tone=light:1,dark:1' or a mapping, not {type(mix).__name__}")
     else:
+        for axis, values in mix.items():
+            if not isinstance(values, Mapping):
+                raise PlanError(f"mix for {axis!r} must map each value to a weight, e.g. {{'light': 1, 'dark': 1}}, "
+                                f"not {type(values).__name__} {values!r}")
         parsed = {
             str(axis): {
                 str(v): w if type(w) is int and w >= 0 else to_fraction(w, label=f"mix for {axis!r}: weight of {v!r}")
@@ -139,40 +143,72 @@ def product_table(mix: Mapping[str, Mapping[str, Fraction]]) -> JointTable:
 
 
 def load_joint_table(path: str | Path) -> JointTable:
-    """Read a joint table from CSV or JSON (by extension; see the module docstring for the layouts)."""
+    """Read a joint table from CSV or JSON (by extension; see the module docstring for the layouts).
+
+    Raises :class:`PlanError` for anything unreadable (a folder, non-UTF-8 text) or mis-shaped (cells that
+    are not objects, ``axes`` that is not a list of names), never a bare traceback.
+    """
     path = Path(path)
+    where = f"joint table {str(path)!r}"
     if not path.exists():
-        raise PlanError(f"joint table {str(path)!r} does not exist")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"joint table {str(path)!r} is not valid JSON: {exc}") from None
-        if not isinstance(data, Mapping) or not isinstance(data.get("cells"), list):
-            raise PlanError(f"joint table {str(path)!r}: expected {{'axes': [...], 'cells': [...]}}")
-        rows: list[Mapping[str, Any]] = data["cells"]
-        if data.get("axes"):
-            axes = tuple(str(a) for a in data["axes"])
+        raise PlanError(f"{where} does not exist")
+    if not path.is_file():
+        raise PlanError(f"{where} is not a file")
+    try:
+        if path.suffix.lower() == ".json":
+            rows, axes = _joint_json(path.read_text(encoding="utf-8"), where)
         else:
-            axes = tuple(k for k in rows[0] if k != "weight") if rows else ()
-    else:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            rows = list(reader)
-            axes = tuple(name.strip() for name in (reader.fieldnames or []) if name.strip() != "weight")
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                rows = list(reader)
+                axes = tuple(name.strip() for name in (reader.fieldnames or []) if name.strip() != "weight")
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{where} is not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except (OSError, csv.Error) as exc:
+        raise PlanError(f"{where} cannot be read: {exc}") from None
     if not rows:
-        raise PlanError(f"joint table {str(path)!r} has no rows")
+        raise PlanError(f"{where} has no rows")
     cells: dict[tuple[str, ...], Weight] = {}
     for i, row in enumerate(rows, start=1):
         row = {str(k).strip(): v for k, v in row.items()}
         if "weight" not in row:
-            raise PlanError(f"joint table {str(path)!r}: row {i} has no 'weight'")
+            raise PlanError(f"{where}: row {i} has no 'weight'")
         missing = [axis for axis in axes if not row.get(axis)]
         if missing:
-            raise PlanError(f"joint table {str(path)!r}: row {i} has no value for {', '.join(missing)}")
-        key = tuple(str(row[axis]).strip() for axis in axes)
+            raise PlanError(f"{where}: row {i} has no value for {', '.join(missing)}")
+        bad = [axis for axis in axes if not isinstance(row[axis], str)]
+        if bad:
+            raise PlanError(f"{where}: row {i}: the value for {', '.join(bad)} must be a value name (text), "
+                            f"not {row[bad[0]]!r}")
+        key = tuple(row[axis].strip() for axis in axes)
         if key in cells:
-            raise PlanError(f"joint table {str(path)!r}: combination {'/'.join(key)} is listed twice")
+            raise PlanError(f"{where}: combination {'/'.join(key)} is listed twice")
         weight = row["weight"]
+        if weight is None or isinstance(weight, (bool, list, dict)):
+            raise PlanError(f"{where}: row {i}: weight {weight!r} is not a number")
         cells[key] = weight.strip() if isinstance(weight, str) else weight
     return JointTable(axes, cells)
+
+
+def _joint_json(text: str, where: str) -> tuple[list[Mapping[str, Any]], tuple[str, ...]]:
+    """The rows and axes of a JSON joint table, shape-checked."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(data, Mapping) or not isinstance(data.get("cells"), list):
+        raise PlanError(f"{where}: expected {{'axes': [...], 'cells': [...]}}")
+    rows = data["cells"]
+    for i, row in enumerate(rows, start=1):
+        if not isinstance(row, Mapping):
+            raise PlanError(f"{where}: cell {i} must be an object like {{'skin_tone': 'light', 'weight': 1}}, "
+                            f"not {row!r}")
+    if data.get("axes"):
+        names = data["axes"]
+        # A bare string would be read letter by letter ("skin_tone" -> s, k, i, ...).
+        if not isinstance(names, list) or not all(isinstance(a, str) and a.strip() for a in names):
+            raise PlanError(f"{where}: 'axes' must be a list of axis names, e.g. [\"skin_tone\"], not {names!r}")
+        axes = tuple(a.strip() for a in names)
+    else:
+        axes = tuple(str(k) for k in rows[0] if k != "weight") if rows else ()
+    return rows, axes

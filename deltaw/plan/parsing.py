@@ -97,8 +97,11 @@ class ParsedScene:
     def from_dict(cls, data: Mapping[str, Any]) -> ParsedScene:
         try:
             count = data["count"]
-            if isinstance(count, str) and count.strip().isdigit():
-                count = int(count)
+            if isinstance(count, str) and count.strip().isdigit() and len(count.strip()) <= MAX_COUNT_DIGITS:
+                try:
+                    count = int(count)
+                except ValueError:  # superscript digits: left as text, refused below as not an integer
+                    pass
             return cls(
                 count=count,
                 noun=data["noun"],
@@ -143,6 +146,8 @@ class Parser(Protocol):
 # --------------------------------------------------------------------------------------------------------------
 # Vocabulary
 # fmt: off
+
+MAX_COUNT_DIGITS = 12  # a count written with more digits is out of range anyway; int() of 4,300+ digits raises
 
 _UNITS = {
     "zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9,
@@ -307,7 +312,13 @@ def with_article(phrase: str) -> str:
 def _word_number(token: str) -> int | None:
     """'seven' -> 7, 'twenty-one' -> 21, '12' -> 12; None if the token is not a number."""
     if token.isdigit():
-        return int(token)
+        # Past a few digits it is no count anyone plans (and int() of 4,300+ digits raises ValueError).
+        if len(token) > MAX_COUNT_DIGITS:
+            raise PlanError(f"count {token[:12]}... ({len(token)} digits) is out of range")
+        try:
+            return int(token)
+        except ValueError:  # digits int() does not read, such as superscripts ("²")
+            return None
     if token in _UNITS:
         return _UNITS[token]
     if token in _TENS:
@@ -440,10 +451,15 @@ class RuleParser:
 
     name = "rules"
 
-    def parse(self, text: str) -> ParsedScene:
+    def parse(self, text: str, *, count: int | None = None) -> ParsedScene:
+        """Parse ``text``. ``count``: the caller's own count (``plan_scene(count=...)``); a text that names
+        a group without saying how many ("a team of basketball players", "nurses") is then read as if it
+        said ``count``. A count in the text still wins here; the caller decides which one to use."""
         if not isinstance(text, str) or not text.strip():
             raise PlanError("scene text is empty; describe the entities, e.g. 'three nurses in a hospital'")
-        return _parse_cached(self, text)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise PlanError(f"count must be a non-negative integer, not {count!r}")
+        return _parse_cached(self, text, count)
 
     # Stateless: all rule parsers are interchangeable, which lets parses be cached across instances.
     def __eq__(self, other: object) -> bool:
@@ -452,7 +468,7 @@ class RuleParser:
     def __hash__(self) -> int:
         return hash(type(self))
 
-    def _parse(self, text: str) -> ParsedScene:
+    def _parse(self, text: str, count_hint: int | None = None) -> ParsedScene:
         norm = self._normalise(text)
         norm = self._strip_leadins(norm)
         tokens = norm.replace(",", " , ").split()
@@ -467,7 +483,7 @@ class RuleParser:
                     cut = self._setting_end(tokens[: found.start])
                     setting_first, tokens = tokens[:cut], tokens[cut:]
             tokens = self._strip_leadins(" ".join(tokens)).split()
-        parsed = self._parse_tokens(tokens, original=text)
+        parsed = self._parse_tokens(tokens, original=text, count_hint=count_hint)
         if setting_first:
             setting = _join(setting_first + ([] if parsed.setting is None else parsed.setting.split()))
             parsed = ParsedScene(parsed.count, parsed.noun, parsed.scene, parsed.activity, setting)
@@ -510,8 +526,11 @@ class RuleParser:
                     changed = True
         return text
 
-    def _parse_tokens(self, tokens: list[str], *, original: str) -> ParsedScene:
+    def _parse_tokens(self, tokens: list[str], *, original: str, count_hint: int | None = None) -> ParsedScene:
         found = _find_count(tokens)
+        if found is None and count_hint is not None:
+            tokens = _with_count(tokens, count_hint)
+            found = _find_count(tokens)
         if found is None:
             return self._parse_uncounted(tokens, original=original)
         scene = self._scene_before(tokens[: found.start])
@@ -635,11 +654,31 @@ class RuleParser:
         return _join(_strip_prefix(activity, _RELATIVE)), _join(setting)
 
 
+#: Vague quantifiers a caller's count replaces ("several nurses" with count=5 -> "5 nurses").
+_VAGUE = ("several", "some", "many", "multiple", "various", "numerous", "few", "a few", "a number of", "lots of",
+          "a lot of", "plenty of")
+
+
+def _with_count(tokens: list[str], count: int) -> list[str]:
+    """``tokens`` with ``count`` written in where a count belongs: after "COLLECTIVE of" ("a team of | players"),
+    else before the noun phrase, replacing a vague quantifier ("several") if there is one."""
+    for j, tok in enumerate(tokens):
+        if tok == "of" and j >= 1 and tokens[j - 1] in MEMBER_OF:
+            return tokens[: j + 1] + [str(count)] + tokens[j + 1 :]
+    rest = list(tokens)
+    for vague in sorted(_VAGUE, key=len, reverse=True):
+        words = vague.split()
+        if rest[: len(words)] == words:
+            rest = rest[len(words) :]
+            break
+    return [str(count)] + rest
+
+
 @functools.lru_cache(maxsize=1024)
-def _parse_cached(parser: RuleParser, text: str) -> ParsedScene:
+def _parse_cached(parser: RuleParser, text: str, count_hint: int | None = None) -> ParsedScene:
     # The rule parser is a pure function of the text and ParsedScene is immutable, so repeated texts (many
     # seeds of one request) are parsed once.
-    return parser._parse(text)
+    return parser._parse(text, count_hint)
 
 
 #: Named parser factories. Another engineer's learned parser registers itself here (e.g. ``PARSERS["llm"] =

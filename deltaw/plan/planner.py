@@ -37,6 +37,8 @@ Mode = Literal["none", "independent", "joint"]
 DEFAULT_NEGATIVE = "low quality, blurry, deformed, extra limbs, duplicated people, merged bodies"
 #: LMD's layouts are given on a 512 x 512 canvas.
 LMD_CANVAS = 512
+LAYOUT_PNG = "layout.png"
+STALE_RENDER = "render.png"  # written by `deltaw plan --render` after `write`; stale once the plan is rewritten
 
 
 @dataclass(frozen=True)
@@ -180,9 +182,22 @@ class ScenePlan:
         )
 
     def write(self, out_dir: str | Path, *, layout_png: bool = True) -> dict[str, Path]:
-        """Write ``plan.json``, ``gligen.json``, ``lmd.json``, ``lmd.txt`` and ``layout.png`` into ``out_dir``."""
+        """Write ``plan.json``, ``gligen.json``, ``lmd.json``, ``lmd.txt`` and ``layout.png`` into ``out_dir``.
+
+        A ``layout.png`` this call does not write (``layout_png=False``) and any ``render.png`` are removed:
+        both would show an earlier plan next to this one. Render after writing (``deltaw plan --render`` does).
+        No other file in ``out_dir`` is touched.
+        """
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise PlanError(f"output {str(out)!r} exists and is not a directory; choose a directory path")
         out.mkdir(parents=True, exist_ok=True)
+        stale = [STALE_RENDER] + ([] if layout_png else [LAYOUT_PNG])
+        for name in stale:
+            old = out / name
+            if old.is_file() or old.is_symlink():
+                old.unlink()
+                log.info("removed %s left by an earlier plan", old)
         paths = {
             "plan": out / "plan.json",
             "gligen": out / "gligen.json",
@@ -196,7 +211,7 @@ class ScenePlan:
         if layout_png:
             from deltaw.plan.draw import draw_layout  # matplotlib only when a picture is asked for
 
-            paths["layout"] = draw_layout(self, out / "layout.png")
+            paths["layout"] = draw_layout(self, out / LAYOUT_PNG)
         return paths
 
 
@@ -241,6 +256,23 @@ def _check_conflicts(subject: str, axes: Iterable[str], registry: AxisRegistry) 
                 )
 
 
+def _parse(parser: Parser, text: str, count: int | None) -> ParsedScene:
+    """``parser.parse(text)``; with a caller's ``count``, a text that says no count is fine.
+
+    Why: ``count`` overrides the text, so "a team of basketball players" with ``count=5`` must not fail for
+    lacking a number. A parser that cannot read the text then is retried as the rule parser with the count
+    filled in (the rule parser is also what the learned parser falls back to).
+    """
+    if count is None:
+        return parser.parse(text)
+    if isinstance(parser, RuleParser):
+        return parser.parse(text, count=count)
+    try:
+        return parser.parse(text)
+    except PlanError:
+        return RuleParser().parse(text, count=count)
+
+
 def _resolve_axes(axes: AxisRegistry | str | Path | Iterable[str | Path] | None) -> AxisRegistry:
     if isinstance(axes, AxisRegistry):
         return axes
@@ -282,7 +314,9 @@ def plan_scene(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise PlanError(f"seed must be an integer, not {seed!r}")
     registry = _resolve_axes(axes)
-    parsed = (parser or RuleParser()).parse(text)
+    if count is not None:
+        check_count(count)
+    parsed = _parse(parser or RuleParser(), text, count)
     n = parsed.count if count is None else count
     if isinstance(n, int) and not isinstance(n, bool) and not 1 <= n <= MAX_COUNT:
         where = f" (read from {text!r})" if count is None else ""

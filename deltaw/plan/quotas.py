@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Hashable, Mapping
 from fractions import Fraction
 from typing import TypeVar
@@ -45,7 +46,8 @@ MAX_COUNT = 64
 def to_fraction(weight: Weight, *, label: str = "weight") -> Fraction:
     """Parse one weight exactly: ints, decimal strings ("0.25"), ratios ("1/3"), floats (via their shortest repr).
 
-    Rejects negatives, NaN and infinities with a :class:`PlanError` naming ``label``.
+    Rejects negatives, NaN and infinities, and text whose float value is not finite or whose exponent or
+    length is absurd (see :func:`_checked_text`), with a :class:`PlanError` naming ``label``.
     """
     if isinstance(weight, bool):
         raise PlanError(f"{label}: {weight!r} is not a number")
@@ -57,14 +59,45 @@ def to_fraction(weight: Weight, *, label: str = "weight") -> Fraction:
         elif isinstance(weight, (int, Fraction)):
             value = Fraction(weight)
         elif isinstance(weight, str):
-            value = Fraction(weight.strip())
+            value = Fraction(_checked_text(weight.strip(), label))
         else:
             raise PlanError(f"{label}: {weight!r} is not a number")
+    except PlanError:  # a ValueError too, but already says what is wrong
+        raise
     except (ValueError, ZeroDivisionError, OverflowError):
         raise PlanError(f"{label}: {weight!r} is not a number (use e.g. 1, 0.25 or 1/3)") from None
     if value < 0:
         raise PlanError(f"{label}: {weight!r} is negative; weights must be >= 0")
     return value
+
+
+MAX_WEIGHT_TEXT = 64  # characters in a weight as text; longer is a paste accident, not a proportion
+MAX_EXPONENT = 400  # |e| in "1e-400"; Fraction("1e99999999") would build a 100-million-digit integer
+
+
+def _checked_text(text: str, label: str) -> str:
+    """``text`` if it is a number or ratio Fraction can parse *quickly*, else a :class:`PlanError`.
+
+    Why: ``Fraction`` turns "1e99999999" into an integer with 10^8 digits -- a hang, not an error. Each side
+    of an optional ``/`` must read as a finite float first, with a bounded exponent and length.
+    """
+    if len(text) > MAX_WEIGHT_TEXT:
+        raise PlanError(f"{label}: {text[:20]!r}... is {len(text)} characters long; give a short number such as "
+                        "1, 0.25 or 1/3")
+    parts = text.split("/")
+    if len(parts) > 2:
+        raise PlanError(f"{label}: {text!r} is not a number (use e.g. 1, 0.25 or 1/3)")
+    for part in parts:
+        try:
+            number = float(part)
+        except ValueError:
+            raise PlanError(f"{label}: {text!r} is not a number (use e.g. 1, 0.25 or 1/3)") from None
+        if not math.isfinite(number):
+            raise PlanError(f"{label}: {text!r} is not a finite number")
+        exponent = re.search(r"[eE]\s*([+-]?\d+)\s*$", part)
+        if exponent is not None and abs(int(exponent.group(1))) > MAX_EXPONENT:
+            raise PlanError(f"{label}: the exponent of {text!r} is out of range (at most {MAX_EXPONENT} either way)")
+    return text
 
 
 def normalise_weights(weights: Mapping[K, Weight], *, what: str = "weights") -> dict[K, Fraction]:

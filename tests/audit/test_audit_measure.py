@@ -148,3 +148,49 @@ def test_sampled_mode_is_seeded_and_scored(tiny, small_probe):
     scored = a.extra["scored"]
     for i, texts in enumerate(a.samples):
         assert int(scored[i]) == sum(score(t) is not None for t in texts)
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ('{"male": NaN, "female": 1}', "finite"),
+    ('{"male": Infinity, "female": 1}', "finite"),
+    ('{"male": -1, "female": 2}', ">= 0"),
+    ({"male": None, "female": 1}, "must be a number, got None"),
+    ({"male": "0.5", "female": 1}, "must be a number"),
+    ({"male": True, "female": 1}, "must be a number"),
+    ({"male": 10**400, "female": 1}, "finite"),
+    ({"male": 1e308, "female": 1e308}, "finite sum"),
+    ('{"male": 1}', "exactly the values"),
+])
+def test_parse_target_rejects_non_probabilities(target, message):
+    # NaN/Infinity used to come back as NaN probabilities; null raised a bare TypeError.
+    from deltaw.audit.probe import parse_target
+
+    with pytest.raises(ProbeError, match=message):
+        parse_target(target, ("male", "female"))
+    assert parse_target('{"male": 3, "female": 1}', ("male", "female")) == {"male": 0.75, "female": 0.25}
+
+
+@pytest.mark.parametrize("kw", [{"n_samples": 0}, {"n_samples": -1}, {"max_new_tokens": 0}])
+def test_sampled_mode_refuses_empty_sampling(tiny, small_probe, kw):
+    model, tok = tiny
+    score = resolve_scorer(None, small_probe.regex, small_probe.value_names)
+    with pytest.raises(ValueError, match=">= 1"):
+        measure(model, tok, small_probe.subset(1, 1, 1), mode="sampled", score=score, ppl_ids=None,
+                **({"n_samples": 2, "max_new_tokens": 2} | kw))
+
+
+def test_neutral_kl_is_not_reported_on_train_neutral_texts(tiny):
+    # Without held-out neutral texts, "neutral KL" silently fell back to the train texts -- the ones the debias
+    # loss keeps close to the base -- and so understated the quality cost.
+    model, tok = tiny
+    raw = json.loads(json.dumps(load_probe().raw))
+    raw["neutral"] = raw["neutral"]["train"][:2]  # a bare list: train only
+    probe = parse_probe(raw).subset(1, 1)
+    assert not probe.neutral["heldout"]
+    base = measure(model, tok, probe, ppl_ids=None)
+    again = measure(model, tok, probe, ppl_ids=None, reference=base)
+    assert again.neutral_kl is None
+    assert "no held-out neutral texts" in again.row()["neutral_kl_note"]
+    assert base.neutral_logprobs is not None  # still there for the bit-exact "removed" comparison
+    held = measure(model, tok, load_probe().subset(1, 1, 1), ppl_ids=None)
+    assert "neutral_kl_note" not in held.row()

@@ -10,7 +10,7 @@ import torch
 from audit_helpers import save_tiny, tiny_pair
 
 import deltaw
-from deltaw.audit import AuditConfig, DebiasConfig, load_probe, run_audit, train_debias
+from deltaw.audit import AuditConfig, DebiasConfig, ProbeError, load_probe, run_audit, train_debias
 from deltaw.audit.cache import model_fingerprint
 from deltaw.audit.debias import FrozenPrefix, lora_config_for
 
@@ -157,3 +157,125 @@ def test_train_command_with_balance_objective(tmp_path):
     res = runner.invoke(app, ["train", "--probe", "gender_occupation", "--output", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--objective balance" in res.output
     assert not (tmp_path / "x").exists()
+
+
+def test_failed_training_leaves_the_model_as_it_was_and_can_be_retried():
+    model, tok = tiny_pair()
+    probe = load_probe().subset(3, 1, 2)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"]), "other")
+    deltaw.activate(model, "other")
+    deltaw.set_trainable(model, "other")
+    model.train()
+    grads = [p.requires_grad for p in model.parameters()]
+    boom = replace(FAST, steps=5, lr=1e38, targets="top:1")
+    with pytest.raises(FloatingPointError):
+        train_debias(model, tok, probe, boom, evaluate=False)
+    # Used to leave "debias" attached, active and trainable, in eval mode: a retry raised AdapterNameError.
+    assert deltaw.adapters(model) == ["other"]
+    assert deltaw.active(model) == (("other", 1.0),)
+    assert [p.requires_grad for p in model.parameters()] == grads
+    assert model.training
+    result = train_debias(model, tok, probe, replace(boom, lr=1e-3, steps=1), evaluate=False)
+    assert result.steps == 1 and deltaw.adapters(model) == ["other", "debias"]
+
+
+def test_training_leaves_the_global_rng_alone():
+    model, tok = tiny_pair()
+    torch.manual_seed(1234)
+    torch.rand(3)
+    before = torch.get_rng_state()
+    train_debias(model, tok, load_probe().subset(3, 1, 1), replace(FAST, steps=1, targets="top:1"), evaluate=False)
+    assert torch.equal(before, torch.get_rng_state())  # was reseeded to config.seed
+
+
+def test_target_override_is_what_before_and_after_measure():
+    from deltaw.audit.debias import _tv_by_cell
+    from deltaw.audit.measure import attribute_tokens
+
+    model, tok = tiny_pair()
+    probe = load_probe().subset(3, 1, 1)
+    result = train_debias(model, tok, probe, replace(FAST, steps=1, targets="top:1"), target={"male": 9, "female": 1})
+    goal = probe.with_target({"male": 0.9, "female": 0.1})
+    tokens = attribute_tokens(tok, goal)
+    fillers, templates = list(probe.fillers["train"]), list(probe.templates["train"])
+    # Used to be measured against the probe's 50/50 while training pulled towards 90/10.
+    assert result.before == pytest.approx(_tv_by_cell(model, tok, goal, tokens, fillers, templates, base=True))
+    assert result.after == pytest.approx(_tv_by_cell(model, tok, goal, tokens, fillers, templates))
+    assert deltaw.state(model).adapters["debias"].metadata["target"] == pytest.approx({"male": 0.9, "female": 0.1})
+    with pytest.raises(ProbeError, match="finite"):
+        train_debias(model, tok, probe, FAST, name="again", target={"male": float("nan"), "female": 1})
+    assert deltaw.adapters(model) == ["debias"]
+
+
+def test_cache_key_hashes_every_weight_byte_and_the_tokenizer():
+    from audit_helpers import make_model, make_tokenizer
+
+    from deltaw.audit.cache import cache_key
+
+    a, tok = tiny_pair()
+    b, _ = tiny_pair()
+    probe, cfg = load_probe(), DebiasConfig()
+    args = (probe, cfg, probe.fillers["train"], probe.templates["train"], dict(probe.target))
+    assert cache_key(a, *args, tokenizer=tok) == cache_key(b, *args, tokenizer=tok)
+    with torch.no_grad():
+        b.model.layers[0].mlp.up_proj.weight.view(-1)[1] += 1.0  # a value the old 32-sample hash never read
+    assert cache_key(a, *args, tokenizer=tok) != cache_key(b, *args, tokenizer=tok)
+    other = make_tokenizer()
+    other.add_tokens(["zebra"])
+    assert cache_key(a, *args, tokenizer=tok) != cache_key(a, *args, tokenizer=other)
+    # Any dtype: bf16 has no numpy type; a different dtype is a different model.
+    half = make_model(len(tok)).to(torch.bfloat16)
+    assert model_fingerprint(half) != model_fingerprint(make_model(len(tok)))
+
+
+def _audit_cli(args):
+    from typer.testing import CliRunner
+
+    from deltaw.cli.main import app
+
+    return CliRunner().invoke(app, ["audit", *args])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", '{"male": 1}'], "exactly the values"),
+    (["--target", '{"male": -1, "female": 2}'], ">= 0"),
+    (["--target", '{"male": NaN, "female": 1}'], "finite"),
+    (["--fillers", "HELDOUT,carpentr"], "'carpentr'"),  # a held-out filler and a typo
+])
+def test_cli_train_debias_validates_target_and_fillers_before_loading(tmp_path, args, message):
+    probe = load_probe()
+    held = probe.fillers["heldout"][0]
+    args = [a.replace("HELDOUT", held) for a in args]
+    res = _audit_cli(["train-debias", "--out", str(tmp_path / "fix"), "--model", str(tmp_path / "no_model"),
+                      "--threads", "1", *args])
+    assert res.exit_code == 1, res.output
+    assert "error:" in res.output and message in res.output
+    if "--fillers" in args:
+        assert "held-out" in res.output and held in res.output
+    assert not isinstance(res.exception, (KeyError, TypeError))
+    assert not (tmp_path / "fix").exists()
+
+
+def test_cli_audit_options_are_checked(tmp_path, monkeypatch):
+    import deltaw.audit
+
+    seen = {}
+
+    def fake_run_audit(out, *, config, **kw):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(deltaw.audit, "run_audit", fake_run_audit)
+    res = _audit_cli(["--out", str(tmp_path / "r"), "--steps", "0", "--threads", "1"])
+    assert res.exit_code == 1 and "stop here" in res.output
+    assert seen["config"].debias.steps == 0  # "--steps 0" used to be dropped as falsy
+    for bad in (["--samples", "0"], ["--max-new-tokens", "0"], ["--samples", "-2"], ["--steps", "-1"]):
+        res = _audit_cli(["--out", str(tmp_path / "r"), "--mode", "sampled", *bad])
+        assert res.exit_code == 2, (bad, res.output)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    res = _audit_cli(["--out", str(afile), "--threads", "1"])
+    assert res.exit_code == 1 and "not a directory" in res.output
+    assert not isinstance(res.exception, OSError)
+    res = _audit_cli(["train-debias", "--out", str(afile), "--threads", "1"])
+    assert res.exit_code == 1 and "not a directory" in res.output

@@ -168,3 +168,31 @@ def test_render_refuses_more_boxes_than_gligen_takes(app: typer.Typer, tmp_path)
     assert result.exit_code == 2
     assert "at most 30 boxes" in result.output
     assert (tmp_path / "o" / "lmd.json").exists()  # LMD's layout has no such limit
+
+
+def test_bad_paths_exit_2_without_traceback(app: typer.Typer, tmp_path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    folder = tmp_path / "folder.csv"
+    folder.mkdir()
+    cases = [
+        (["--out", str(afile)], "not a directory"),
+        (["--out", str(tmp_path / "o"), "--joint-table", str(folder)], "not a file"),
+        (["--out", str(tmp_path / "o"), "--axes", str(folder)], "is a directory"),
+    ]
+    for args, message in cases:
+        result = runner.invoke(app, ["plan", "three nurses", "--no-png", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+        assert not isinstance(result.exception, OSError)
+
+
+def test_unwritable_out_is_a_clean_error(app: typer.Typer, tmp_path, monkeypatch) -> None:
+    from deltaw.plan.planner import ScenePlan
+
+    def denied(self, out_dir, *, layout_png=True):
+        raise PermissionError(13, "Permission denied", str(out_dir))
+
+    monkeypatch.setattr(ScenePlan, "write", denied)
+    result = runner.invoke(app, ["plan", "three nurses", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "Permission denied" in result.output

@@ -234,3 +234,16 @@ def test_learned_parser_plugs_in_through_registry(monkeypatch) -> None:
     monkeypatch.setitem(PARSERS, "llm", lambda: _Oracle({e.text: e.parse for e in examples}))
     assert get_parser(use_llm=True).name == "oracle"
     assert isinstance(get_parser(use_llm=False), RuleParser)
+
+
+@pytest.mark.parametrize("text", ["5" * 5000 + " nurses", "1234567890123 nurses"])
+def test_huge_digit_count_is_a_plan_error(text: str) -> None:
+    # int() of 4,300+ digits raised a bare ValueError (Python's int-string limit).
+    with pytest.raises(PlanError, match="out of range"):
+        RuleParser().parse(text)
+
+
+def test_digits_int_cannot_read_are_not_a_count() -> None:
+    with pytest.raises(PlanError, match="no countable entity"):
+        RuleParser().parse("\u00b2 nurses")  # "²".isdigit() is True, int("²") raises
+    assert ParsedScene.from_dict({"count": "7", "noun": "nurse"}).count == 7

@@ -174,3 +174,26 @@ def test_team_mix_over_10000_plans() -> None:
     for tone in ("light", "medium", "dark"):
         assert abs(totals[tone] / (5 * N_PLANS) - 1 / 3) <= 0.01, totals
         assert abs(first_box[tone] / N_PLANS - 1 / 3) <= 0.025, first_box
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        ("1e99999999", "finite"),  # Fraction() of this built a 10^8-digit integer: a hang
+        ("1e5000", "finite"),
+        ("1e-5000", "exponent"),
+        ("1/1e99999999", "finite"),
+        ("1" * 100, "characters long"),
+        ("nan", "finite"),
+        ("1/2/3", "not a number"),
+    ],
+)
+def test_absurd_weight_text_is_refused_quickly(weight: str, message: str) -> None:
+    with pytest.raises(PlanError, match=message):
+        to_fraction(weight)
+
+
+def test_huge_exponent_in_mix_text_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="light.*finite"):
+        plan_scene("five nurses", "skin_tone=light:1e99999999,dark:1")
+    assert to_fraction("2.5e-3") == Fraction(1, 400) and to_fraction(" 1/3 ") == Fraction(1, 3)

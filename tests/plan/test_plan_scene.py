@@ -265,3 +265,75 @@ def test_no_mix_still_plans_one_prompt_per_entity() -> None:
     plan = plan_scene("a group of 12 children playing in a park", seed=0)
     assert plan.mode == "none" and len(plan.entities) == 12
     assert {e.prompt for e in plan.entities} == {"a child, playing"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a team of basketball players", "a crowd of people", "nurses", "several nurses", "basketball players in a park"],
+)
+def test_count_override_needs_no_count_in_the_text(text: str) -> None:
+    # The text used to be parsed before the override was looked at: "no count in ..." although count=5 was given.
+    plan = plan_scene(text, "skin_tone=light,dark", count=5)
+    assert len(plan.entities) == 5 and sum(plan.quotas["skin_tone"].values()) == 5
+    with pytest.raises(PlanError, match="count|countable"):
+        plan_scene(text, "skin_tone=light,dark")  # without the override the missing count is still an error
+
+
+def test_count_override_keeps_the_parsed_noun() -> None:
+    plan = plan_scene("a team of basketball players in a park", None, count=3)
+    assert plan.entities[0].noun == "basketball player" and plan.parse.setting == "in a park"
+
+
+def test_write_removes_stale_layout_and_render_only(tmp_path) -> None:
+    out = tmp_path / "out"
+    plan_scene(TEAM, THIRDS, seed=1).write(out)
+    (out / "render.png").write_bytes(b"old render")
+    (out / "notes.txt").write_text("mine")
+    paths = plan_scene("three nurses", THIRDS, seed=2).write(out, layout_png=False)
+    assert "layout" not in paths
+    assert not (out / "layout.png").exists()  # would show the five players next to a plan of three nurses
+    assert not (out / "render.png").exists()
+    assert (out / "notes.txt").read_text() == "mine"  # never another file
+
+
+def test_write_into_a_file_is_a_plan_error(tmp_path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(PlanError, match="not a directory"):
+        plan_scene(TEAM, THIRDS).write(afile)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("list.json", '{"axes": ["skin_tone"], "cells": [["light", 1]]}', "cell 1 must be an object"),
+        ("ints.json", '{"cells": [1, 2]}', "cell 1 must be an object"),
+        ("strax.json", '{"axes": "skin_tone", "cells": [{"skin_tone": "light", "weight": 1}]}', "must be a list"),
+        ("numval.json", '{"axes": ["skin_tone"], "cells": [{"skin_tone": 3, "weight": 1}]}', "value name"),
+        ("listw.json", '{"axes": ["skin_tone"], "cells": [{"skin_tone": "light", "weight": [1]}]}', "not a number"),
+        ("bad.csv", b"skin_tone,weight\n\xff\xfe,1\n", "not UTF-8"),
+    ],
+)
+def test_malformed_joint_tables_are_plan_errors(tmp_path, name: str, content, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(PlanError, match=message):
+        load_joint_table(path)
+
+
+def test_directories_and_bad_encodings_are_plan_errors(tmp_path) -> None:
+    folder = tmp_path / "table.csv"
+    folder.mkdir()
+    with pytest.raises(PlanError, match="not a file"):
+        load_joint_table(folder)
+    with pytest.raises(PlanError, match="directory"):
+        load_axes(folder)
+    latin = tmp_path / "axes.json"
+    latin.write_bytes(b'{"axes": {"x": {"values": {"a": "caf\xe9"}}}}')
+    with pytest.raises(PlanError, match="not UTF-8"):
+        load_axes(latin)
+
+
+def test_mix_mapping_with_a_string_value_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="must map each value to a weight"):
+        plan_scene("three nurses", {"skin_tone": "light"})
