@@ -414,7 +414,7 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
         for path in touched:
             layer = st.layers[path]
             # In place only where the weight there can be recomputed exactly if this merge is refused.
-            if carried & layer.lora_A._parameters.keys() and layer.rewritable(st.merged):
+            if carried & layer._a_params.keys() and layer.rewritable(st.merged):
                 rewritten.append(path)
                 layer.merged_weight(target, out=layer.base_layer.weight.data)
             else:
