@@ -151,8 +151,14 @@ class AdapterStore:
                 raise Wait(name)
             self.metrics.cache_hits.inc()
         else:
+            try:
+                r = self._load(name)
+            except Wait:
+                raise  # retried every step until the budget frees up: not a miss (yet)
+            except BaseException:
+                self.metrics.cache_misses.inc()
+                raise
             self.metrics.cache_misses.inc()
-            r = self._load(name)
         with self._lock:
             r.refs += 1
             self._lru.move_to_end(name)
@@ -165,6 +171,7 @@ class AdapterStore:
             r.refs -= 1
         if r.refs <= 0 and r.draining:
             self._delete(name, reason="unloaded after its last request finished")
+            self.metrics.adapter_unloads.inc()
 
     def load(self, name: str, pin: bool | None = None) -> Resident:
         """Admin load: make resident (no reference held); ``pin`` True/False pins or unpins it."""
@@ -192,12 +199,12 @@ class AdapterStore:
             raise model_not_found(name, "it is not loaded")
         with self._lock:
             r.pinned = False
-        self.metrics.adapter_unloads.inc()
-        if r.refs > 0:
+        if r.refs > 0:  # counted in adapter_unloads when it is deleted (a load may still cancel it)
             r.draining = True
             log.info("adapter %r: unloading after %d in-flight sequence(s) finish", name, r.refs)
             return {"id": name, "status": "draining", "in_flight": r.refs}
         self._delete(name, reason="unloaded")
+        self.metrics.adapter_unloads.inc()
         return {"id": name, "status": "unloaded", "in_flight": 0}
 
     # ---- internals ---------------------------------------------------------------------------------------

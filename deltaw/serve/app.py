@@ -110,6 +110,7 @@ class GuardMiddleware:
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
+                        status_box["status"] = 499  # the client went away: not a server error
                         return
                     body = message.get("body", b"")
                     size += len(body)
@@ -321,7 +322,8 @@ def create_app(server: DeltawServer) -> FastAPI:
         for p_index, ids in enumerate(prompts):
             for k in range(params.n):
                 index = p_index * params.n + k
-                seed = None if params.seed is None else params.seed + index
+                # torch seeds are uint64: wrap (as torch does for negative seeds) so seed + index never overflows
+                seed = None if params.seed is None else (params.seed + index) % (1 << 64)
                 seq = Seq(prompt=ids, adapter=adapter, max_tokens=budget(params, ids), emit=run.emitter(index),
                           temperature=params.temperature, top_p=params.top_p, seed=seed, label=params.model)
                 choices.append(Choice(index, seq, P.IncrementalText(tokenizer), P.StopMatcher(params.stop),

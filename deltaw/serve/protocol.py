@@ -18,7 +18,11 @@ from .errors import APIError, bad_request
 _NEUTRAL = {"logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
             "suffix": (None, ""), "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
             "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-            "response_format": (None, {"type": "text"})}
+            "response_format": (None, {"type": "text"}), "function_call": (None, "none"), "audio": (None,),
+            "modalities": (None, ["text"]), "prediction": (None,), "web_search_options": (None,),
+            # Sampling extensions that OpenAI-compatible servers (vLLM, TGI) accept and SDKs pass via extra_body.
+            "repetition_penalty": (None, 1, 1.0), "top_k": (None, 0, -1), "min_p": (None, 0, 0.0),
+            "min_tokens": (None, 0)}
 
 
 @dataclass
@@ -97,10 +101,14 @@ def gen_params(body: dict[str, Any], *, default_max_tokens: int | None, max_toke
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object", param="stream_options")
-    include_usage = bool(options.get("include_usage", False))
+    if options is not None and not stream:  # as OpenAI: it would be silently meaningless
+        raise bad_request("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise bad_request("'stream_options.include_usage' must be a boolean", param="stream_options")
     stop = body.get("stop")
     if stop is None:
         stops: list[str] = []
@@ -117,6 +125,8 @@ def gen_params(body: dict[str, Any], *, default_max_tokens: int | None, max_toke
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise bad_request("'seed' must be an integer", param="seed")
+    if seed is not None and not -(1 << 63) <= seed < (1 << 63):  # OpenAI's seed is an int64
+        raise bad_request(f"'seed' must be a 64-bit signed integer, got {seed}", param="seed")
     return GenParams(model, max_tokens, temperature, top_p, n, stream, include_usage, stops, seed,
                      explicit_max_tokens=body.get(key) is not None)
 

@@ -254,3 +254,76 @@ def test_client_that_gives_up_is_dropped_before_any_compute(private_root, tokeni
         assert server.metrics.generated_tokens.value() == 0
     finally:
         thread.stop()
+
+
+def test_waiting_for_the_budget_is_not_counted_as_cache_misses(private_root, tokenizer):
+    """An admission that waits for running rows to free the budget is retried every step; only the load that
+    finally happens is a miss (it was counted on every retry: ~20 misses for 2 loads)."""
+    server, thread, url = start_server(private_root, tokenizer, max_adapter_memory=ADAPTER_BYTES)
+    decode = server.scheduler.batch.decode
+
+    def slow_decode():
+        time.sleep(0.03)  # keep a0's request running while a1's waits
+        return decode()
+
+    server.scheduler.batch.decode = slow_decode
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            long = pool.submit(complete, url, "a0", "w4", 40)
+            deadline = time.monotonic() + 10
+            while not server.scheduler.batch.rows and time.monotonic() < deadline:
+                time.sleep(0.01)
+            short = complete(url, "a1", "w4", 2)  # waits until a0's request finishes, then evicts a0
+            assert long.result(60).status_code == 200 and short.status_code == 200
+        m = server.metrics
+        assert (m.cache_misses.value(), m.cache_hits.value(), m.cache_evictions.value()) == (2, 0, 1)
+    finally:
+        thread.stop()
+
+
+def test_non_streaming_client_that_gives_up_mid_generation_frees_its_row(private_root, tokenizer):
+    """The disconnect check ran only when no token arrived for a second, so a request whose tokens kept coming
+    held its row (and its adapter reference) until max_tokens after the client had gone."""
+    server, thread, url = start_server(private_root, tokenizer, max_tokens_limit=100)
+    decode = server.scheduler.batch.decode
+
+    def slow_decode():
+        time.sleep(0.05)  # 100 tokens: ~5 s, a token every 50 ms
+        return decode()
+
+    server.scheduler.batch.decode = slow_decode
+    try:
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(
+                f"{url}/v1/completions", timeout=0.5,
+                json={"model": "a0", "prompt": "w4", "max_tokens": 100, "temperature": 0})
+        deadline = time.monotonic() + 2.5
+        while server.scheduler.batch.rows and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not server.scheduler.batch.rows
+        assert server.metrics.generated_tokens.value() < 60
+        assert server.store.snapshot()["a0"]["in_flight"] == 0
+    finally:
+        thread.stop()
+
+
+def test_an_unload_cancelled_by_a_load_is_not_counted(private_root):
+    """deltaw_adapter_unloads_total counted a draining unload at once, even when a later load cancelled it and
+    the adapter never left."""
+    from deltaw.serve.adapters import AdapterStore
+    from deltaw.serve.metrics import Metrics
+    from serve_helpers import make_llama
+
+    metrics = Metrics(8)
+    store = AdapterStore(make_llama(), private_root, 1 << 20, metrics)
+    store.acquire("a0")  # one running sequence
+    assert store.unload("a0")["status"] == "draining"
+    store.load("a0")  # cancels the pending unload
+    store.release("a0")
+    assert store.resident_names() == ["a0"] and metrics.adapter_unloads.value() == 0
+    store.acquire("a0")
+    assert store.unload("a0")["status"] == "draining"
+    store.release("a0")  # last reference: now it goes
+    assert store.resident_names() == [] and metrics.adapter_unloads.value() == 1
+    store.load("a1")
+    assert store.unload("a1")["status"] == "unloaded" and metrics.adapter_unloads.value() == 2

@@ -57,6 +57,11 @@ LIMITS = [
     ({"prompt": "w1"}, 400, None, "model"),
     ({"model": "nope", "prompt": "w1"}, 404, "model_not_found", "model"),
     ({"model": "tiny", "prompt": "w1", "max_tokens": 60, "n": 1}, 200, None, None),
+    # torch seeds are 64-bit: out-of-range seeds are a 400, not a 500 from the prefill (seed + choice index wraps)
+    ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": 2**64}, 400, None, "seed"),
+    ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": -(2**63) - 1}, 400, None, "seed"),
+    ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": 2**63 - 1, "n": 3}, 200, None, None),
+    ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": -1, "n": 3}, 200, None, None),
 ]
 
 
@@ -215,3 +220,28 @@ def test_cli_serves_a_saved_model(tmp_path, adapters_dir, tokenizer, monkeypatch
     assert status == 200 and body["choices"][0]["text"]
     bad = CliRunner().invoke(app, ["serve", "--base", str(base), "--pin", "../a1"])
     assert bad.exit_code != 0
+
+
+def test_client_gone_while_sending_its_body_is_not_counted_as_a_server_error():
+    """The middleware left its default status (500) when the client disconnected mid-body, so /metrics showed
+    a server error for every client that gave up while uploading."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from deltaw.serve.app import GuardMiddleware
+    from deltaw.serve.metrics import Metrics
+    from deltaw.serve.settings import ServeSettings
+
+    server = SimpleNamespace(settings=ServeSettings(), metrics=Metrics(8))
+    messages = [{"type": "http.request", "body": b'{"model": ', "more_body": True}, {"type": "http.disconnect"}]
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def never(*_):
+        raise AssertionError("the app must not run")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": []}
+    asyncio.run(GuardMiddleware(never, server)(scope, receive, never))
+    assert server.metrics.requests.value(endpoint="/v1/completions", status="500") == 0
+    assert server.metrics.requests.value(endpoint="/v1/completions", status="499") == 1

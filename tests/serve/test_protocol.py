@@ -85,3 +85,25 @@ def test_settings_validation():
     with pytest.raises(ValueError):
         ServeSettings(max_batch_size=0)
     assert ServeSettings(api_key="").api_key is None
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"modalities": ["text", "audio"]}, "modalities"), ({"audio": {"voice": "alloy"}}, "audio"),
+    ({"function_call": "auto"}, "function_call"), ({"prediction": {"type": "content"}}, "prediction"),
+    ({"repetition_penalty": 1.3}, "repetition_penalty"), ({"top_k": 5}, "top_k"), ({"min_p": 0.1}, "min_p"),
+    ({"min_tokens": 4}, "min_tokens"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),  # without "stream": true
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options"),
+])
+def test_options_that_would_be_silently_ignored_are_refused(extra, param):
+    """These were accepted and ignored: a client asking for audio, a repetition penalty or top_k got plain
+    sampling without being told."""
+    from deltaw.serve.errors import APIError
+
+    with pytest.raises(APIError) as err:
+        gen_params({"model": "x", **extra}, default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=True)
+    assert err.value.status == 400 and err.value.param == param
+    neutral = {"modalities": ["text"], "top_k": -1, "repetition_penalty": 1.0, "stream": True,
+               "stream_options": {"include_usage": True}}
+    p = gen_params({"model": "x", **neutral}, default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=True)
+    assert p.include_usage is True
