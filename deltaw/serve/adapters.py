@@ -68,6 +68,9 @@ class AdapterStore:
         self._lru: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self._failed: dict[str, tuple[tuple, APIError]] = {}
         self._lock = threading.Lock()  # guards _lru for readers on other threads
+        # Bytes per factor element once loaded: the model's dtype, fp32 under a half-precision base.
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        self._resident_item = max(dtype.itemsize if dtype is not None else 4, 4)
         metrics.adapter_budget.set(budget)
 
     # ---- lookup (any thread) ---------------------------------------------------------------------------
@@ -237,7 +240,8 @@ class AdapterStore:
             numel = 1
             for d in entry.get("shape", []):
                 numel *= int(d)
-            total += numel * _DTYPE_BYTES.get(entry.get("dtype", "F32"), 4)
+            # Factors are held in the model's dtype (fp32 under a half-precision base), whatever the file stores.
+            total += numel * max(_DTYPE_BYTES.get(entry.get("dtype", "F32"), 4), self._resident_item)
         return total
 
     def _load(self, name: str, admin: bool = False) -> Resident:
@@ -271,7 +275,11 @@ class AdapterStore:
         log.info("adapter %r loaded (%d bytes, %.1f ms)%s", name, nbytes, (time.perf_counter() - t0) * 1e3,
                  " by admin request" if admin else "")
         if self.used_bytes() > self.budget:  # the estimate was low (e.g. unreadable header): settle now
-            self._make_room(0, name)
+            try:
+                self._make_room(0, name)
+            except (Wait, APIError):  # no room after all: nothing may stay resident outside the budget
+                self._delete(name, reason="over the memory budget once loaded")
+                raise
         return r
 
     def _make_room(self, need: int, loading: str) -> None:

@@ -327,3 +327,36 @@ def test_an_unload_cancelled_by_a_load_is_not_counted(private_root):
     assert store.resident_names() == [] and metrics.adapter_unloads.value() == 1
     store.load("a1")
     assert store.unload("a1")["status"] == "unloaded" and metrics.adapter_unloads.value() == 2
+
+
+def test_adapter_stored_in_half_precision_is_budgeted_at_its_loaded_size(private_root):
+    """The budget estimate used the file's dtype: an fp16 file loaded as fp32 factors passed the check, then
+    sat resident over the budget (unreferenced, answering 'wait' forever). It is refused up front, and an
+    adapter that turns out too large once loaded is unloaded again."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from deltaw.serve.adapters import AdapterStore, Wait
+    from deltaw.serve.errors import APIError
+    from deltaw.serve.metrics import Metrics
+    from serve_helpers import make_llama
+
+    src, dst = private_root / "a0", private_root / "a0half"
+    shutil.copytree(src, dst)
+    with safe_open(str(src / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k).half() for k in f.keys()}
+    save_file(tensors, str(dst / "adapter_model.safetensors"), metadata=meta)
+    half_bytes = sum(t.numel() * 2 for t in tensors.values())
+    store = AdapterStore(make_llama(), private_root, half_bytes * 3 // 2, Metrics(8))
+    with pytest.raises(APIError) as err:
+        store.acquire("a0half")
+    assert err.value.status == 422 and store.resident_names() == []
+    store._estimate = lambda directory: 0  # an estimate that is too low (e.g. an unreadable header)
+    with pytest.raises(Wait):
+        store.acquire("a0half")
+    assert store.resident_names() == [] and store.used_bytes() == 0
+    del store._estimate
+    store.budget = half_bytes * 2  # fits once loaded: served normally
+    store.acquire("a0half")
+    assert store.resident_names() == ["a0half"] and store.used_bytes() == half_bytes * 2
