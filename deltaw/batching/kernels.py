@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DeltawError
-from ..layers.base import LoraLayer
+from ..layers.base import LoraLayer, version_of
 from ..layers.embedding import LoraEmbedding
 from ..layers.linear import LoraLinear
 from ..registry import Weighted
@@ -95,7 +95,7 @@ def _identity(layer: LoraLayer, name: str) -> tuple:
     version (optimizer steps, ``copy_``), dtype, device and scaling. Writes through ``.data`` bump no version
     counter: call ``clear_cache()`` after them."""
     a, b = layer.lora_A._parameters[name], layer.lora_B._parameters[name]
-    return (name, layer.serial[name], a.data_ptr(), a._version, b.data_ptr(), b._version, a.dtype, a.device,
+    return (name, layer.serial[name], a.data_ptr(), version_of(a), b.data_ptr(), version_of(b), a.dtype, a.device,
             layer.scaling[name])
 
 

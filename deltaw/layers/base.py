@@ -63,6 +63,15 @@ def _drop(params: nn.ParameterDict, name: str) -> None:
 _SERIALS = itertools.count()
 
 
+def version_of(t: torch.Tensor) -> int | object:
+    """``t._version`` for keys that must change when ``t`` is written in place; inference-mode tensors keep no
+    version counter (and may be written in inference mode), so they get a fresh object that equals nothing."""
+    try:
+        return t._version
+    except RuntimeError:
+        return object()
+
+
 @functools.lru_cache(maxsize=64)
 def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.ones(n, dtype=dtype, device=device)  # (n,) read-only by contract: shared by every caller
@@ -305,8 +314,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         in-place versions, weights and scalings. Equal stamps mean an equal result (writes through ``.data``
         bump no version counter and are not seen)."""
         a_params, b_params = self._a_params, self._b_params
-        return tuple((n, w, self.serial[n], a_params[n].data_ptr(), a_params[n]._version, b_params[n].data_ptr(),
-                      b_params[n]._version, self.scaling[n]) for n, w in merged if n in a_params)
+        return tuple((n, w, self.serial[n], a_params[n].data_ptr(), version_of(a_params[n]), b_params[n].data_ptr(),
+                      version_of(b_params[n]), self.scaling[n]) for n, w in merged if n in a_params)
 
     def rewritable(self, merged: Sequence[tuple[str, float]]) -> bool:
         """True when the installed merged weight is exactly ``merged_weight(merged)`` of the factors as they are

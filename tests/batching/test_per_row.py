@@ -336,3 +336,21 @@ def test_auto_picks_by_batch_shape():
     with per_row(model, rows) as plan:
         model(torch.randint(1, 64, (4, 3)))
         assert plan.strategies_used() == {}, "with autograd on, the reference path runs (not recorded)"
+
+
+def test_adapters_created_in_inference_mode():
+    """Factors made under torch.inference_mode() keep no version counter: per_row's pack key raised
+    "Inference tensors do not track version counter". Such packs are rebuilt every context instead (an
+    in-place write in inference mode would go unseen by any key)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)).eval()
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0", "1"]), "a")
+        _randomize(model, "a", seed=1)
+        rows = ["a", None, "a"]
+        for _ in range(2):
+            with per_row(model, rows, strategy="grouped"):
+                got = model(x)
+            torch.testing.assert_close(got, _alone(model, x, rows), **TOL)
+            deltaw.adapter_parameters(model, "a")[1].mul_(2.0)  # seen by the next context

@@ -403,3 +403,19 @@ def test_float64_merge_is_computed_in_float64():
     assert (layer.base_layer.weight - expected).abs().max() < 1e-12
     deltaw.unmerge(model)
     assert torch.equal(layer.base_layer.weight, w0)
+
+
+def test_merge_cycles_on_adapters_created_in_inference_mode():
+    """The merge stamp read the factors' version counters, which inference-mode tensors do not keep."""
+    model = nn.Sequential(nn.Linear(6, 6))
+    w0 = model[0].weight.detach().clone()
+    with torch.inference_mode():
+        for name in ("a", "b"):
+            deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), name)
+            randomize(model, name)
+        deltaw.merge(model, "a")
+        deltaw.merge(model, "b", replace=True)
+        expected = deltaw.state(model).layers["0"].merged_weight((("b", 1.0),))
+        assert torch.equal(model[0].base_layer.weight, expected)
+        deltaw.unmerge(model)
+    assert torch.equal(model[0].base_layer.weight, w0)
