@@ -346,13 +346,15 @@ _MAX_WEIGHT = torch.finfo(torch.float32).max  # weights scale fp32 factors; beyo
 def _spec_weight(name: str, weight: object) -> float:
     """A stacking weight as a float, refused unless finite (a NaN weight would be silently ignored by some
     BLAS paths and poison others) and representable in fp32."""
-    try:
-        if isinstance(weight, (bool, str, bytes)):
-            raise TypeError
-        value = float(weight)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    value: float | None = None
+    if not isinstance(weight, (bool, str, bytes)):  # float() would read True as 1 and "0.5" as 0.5
+        try:
+            value = float(weight)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            pass
+    if value is None:
         raise TypeError(f"the weight of adapter {name!r} must be a real number, got "
-                        f"{type(weight).__name__} {weight!r}") from None
+                        f"{type(weight).__name__} {weight!r}")
     if not abs(value) <= _MAX_WEIGHT:
         raise NonFiniteError(f"the weight of adapter {name!r} is {value!r}: weights must be finite (and within "
                              "fp32 range)")
