@@ -67,6 +67,7 @@ class AdapterStore:
         self.reserved = set(reserved)  # names that mean something else (the base model)
         self._lru: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
         self._failed: dict[str, tuple[tuple, APIError]] = {}
+        self._sizes: dict[str, tuple[tuple, int]] = {}  # name -> (file signature, bytes once loaded)
         self._lock = threading.Lock()  # guards _lru for readers on other threads
         # Bytes per factor element once loaded: the model's dtype, fp32 under a half-precision base.
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -177,10 +178,12 @@ class AdapterStore:
             self.metrics.adapter_unloads.inc()
 
     def load(self, name: str, pin: bool | None = None) -> Resident:
-        """Admin load: make resident (no reference held); ``pin`` True/False pins or unpins it."""
+        """Admin load: make resident (no reference held); ``pin`` True/False pins or unpins it.
+
+        Not a cache miss: the misses count admissions that found their adapter absent, and an operator's
+        preload is the opposite. It is counted in ``adapter_loads`` like every load."""
         r = self._lru.get(name)
         if r is None:
-            self.metrics.cache_misses.inc()
             try:
                 r = self._load(name, admin=True)
             except Wait:
@@ -250,7 +253,9 @@ class AdapterStore:
         failed = self._failed.get(name)
         if failed is not None and failed[0] == sig:
             raise failed[1]  # same files as the failed attempt: fail fast, no re-read
-        estimate = self._estimate(directory)
+        known = self._sizes.get(name)
+        # Once loaded, its real size: a low estimate is not loaded (and unloaded) again on every retry.
+        estimate = known[1] if known is not None and known[0] == sig else self._estimate(directory)
         if estimate > self.budget:
             raise APIError(422, f"adapter {name!r} holds {estimate} bytes of tensors, more than the whole adapter "
                                 f"memory budget ({self.budget} bytes; --max-adapter-memory)", param="model",
@@ -267,6 +272,7 @@ class AdapterStore:
             raise error from None
         self._failed.pop(name, None)
         nbytes = sum(p.numel() * p.element_size() for p in deltaw.adapter_parameters(self.model, name))
+        self._sizes[name] = (sig, nbytes)
         r = Resident(name=name, nbytes=nbytes, directory=directory)
         with self._lock:
             self._lru[name] = r
@@ -283,7 +289,11 @@ class AdapterStore:
         return r
 
     def _make_room(self, need: int, loading: str) -> None:
-        """Evict least recently used, unpinned, idle adapters until ``need`` more bytes fit the budget."""
+        """Evict least recently used, unpinned, idle adapters until ``need`` more bytes fit the budget.
+
+        The victims are chosen before any is evicted: if evicting every idle adapter would still leave no room
+        (running sequences hold the rest), nothing is evicted and the caller waits. Evicting first and finding
+        out afterwards threw adapters away for nothing, again on every retry, as running ones became idle."""
         used = self.used_bytes()
         if used + need <= self.budget:
             return
@@ -292,16 +302,19 @@ class AdapterStore:
             raise APIError(503, f"adapter {loading!r} ({need} bytes) does not fit: pinned adapters hold {pinned} of "
                                 f"the {self.budget}-byte budget; unpin or unload some", type="server_error",
                            param="model", code="adapter_memory_exhausted")
-        for name, r in list(self._lru.items()):
+        victims: list[str] = []
+        for name, r in self._lru.items():  # least recently used first
             if used + need <= self.budget:
                 break
             if r.pinned or r.refs > 0 or name == loading:
                 continue
+            victims.append(name)
             used -= r.nbytes
-            self._delete(name, reason="evicted (LRU, memory budget)")
-            self.metrics.cache_evictions.inc()
         if used + need > self.budget:
             raise Wait(loading)
+        for name in victims:
+            self._delete(name, reason="evicted (LRU, memory budget)")
+            self.metrics.cache_evictions.inc()
 
     def _delete(self, name: str, reason: str) -> None:
         deltaw.delete(self.model, name)

@@ -544,7 +544,8 @@ def create_app(server: DeltawServer) -> FastAPI:
 
     @app.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> JSONResponse:
-        if model_id != server.base_name:
+        # A resident adapter is served whatever happened to its folder since (like resolve and /v1/models).
+        if model_id != server.base_name and model_id not in server.store.resident_names():
             server.store.locate(model_id)
         return JSONResponse(model_card(model_id, server.store.snapshot()))
 

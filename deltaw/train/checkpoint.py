@@ -4,8 +4,9 @@
         adapter_config.json, adapter_model.safetensors   the adapter (PEFT format, base fingerprint inside)
         optimizer.safetensors                            AdamW moments and step counters, keyed by parameter name
         rng-rank<k>.safetensors                          torch CPU/CUDA generator states, numpy's MT state
-        trainer_state.json                               step, config identity, LR schedule position, optimizer
-                                                         hyper-parameters, python RNG, early-stopping state
+        trainer_state.json                               step, config identity, data fingerprint, LR schedule
+                                                         position, optimizer hyper-parameters, python RNG,
+                                                         early-stopping state
 
 Why parameter names as keys: a resumed model re-attaches the adapter, and its parameter order may differ
 from the original; names do not. A checkpoint is written to a temporary folder and renamed into place, so a
@@ -132,8 +133,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], tens
 
 # ---- write / read --------------------------------------------------------------------------------------
 def write(path: Path, *, rank: int, is_main: bool, save_adapter, optimizer: torch.optim.Optimizer,
-          names: dict[int, str], state: TrainerState, identity: dict, world_size: int) -> None:
+          names: dict[int, str], state: TrainerState, identity: dict, world_size: int, data: dict) -> None:
     """Write one checkpoint. Rank 0 writes the shared files into a temp folder; every rank adds its RNG file.
+
+    ``data`` is the fingerprint of the training (and validation) data that ``check_data`` compares on resume.
 
     The caller puts barriers around this so that the rename happens after every rank has written.
     """
@@ -146,7 +149,7 @@ def write(path: Path, *, rank: int, is_main: bool, save_adapter, optimizer: torc
         opt_tensors, groups = optimizer_tensors(optimizer, names)
         save_file(opt_tensors, str(tmp / OPTIMIZER_NAME), metadata={"format": "pt"})
         (tmp / STATE_NAME).write_text(json.dumps({
-            "format": FORMAT, "identity": identity, "world_size": world_size, "state": state.to_dict(),
+            "format": FORMAT, "identity": identity, "data": data, "world_size": world_size, "state": state.to_dict(),
             "scheduler": {"kind": identity.get("schedule"), "step": state.step},
             "optimizer_param_groups": groups}, indent=2) + "\n")
 
@@ -189,6 +192,39 @@ def check_compatible(saved: dict, identity: dict, world_size: int, path: Path) -
     if saved.get("world_size") != world_size:
         raise CheckpointError(f"cannot resume from {path}: it was written by {saved.get('world_size')} process(es), "
                               f"this run has {world_size}; the data split and RNG streams per process would differ")
+
+
+def check_data(saved: dict, data: dict[str, dict], path: Path) -> None:
+    """Refuse a checkpoint whose data differs from what this run would train on (same spec, other contents).
+
+    ``data`` maps "data" / "val_data" to ``data.data_identity`` of that spec. A checkpoint without a fingerprint
+    is refused like one without any other identity field: resuming it could not tell the data is the same.
+    """
+    theirs = saved.get("data")
+    if not isinstance(theirs, dict):
+        raise CheckpointError(f"cannot resume from {path}: it records no fingerprint of its training data (written "
+                              "by an older deltaw), so a resume cannot verify the data is unchanged; start a new run "
+                              "in another output dir")
+    for key, what in (("data", "training data"), ("val_data", "validation data")):
+        mine, before = data.get(key), theirs.get(key)
+        if _content(mine) == _content(before):  # where the file lies may change; what it holds may not
+            continue
+        name = (mine or before or {}).get("path") or (mine or before or {}).get("spec")
+        raise CheckpointError(f"cannot resume from {path}: {what} {name} changed since the checkpoint was written "
+                              f"({_describe(before)} then, {_describe(mine)} now); resume with the data the run "
+                              "started with, or start a new run in another output dir")
+
+
+def _content(identity: dict | None) -> dict | None:
+    return None if identity is None else {k: v for k, v in identity.items() if k != "path"}
+
+
+def _describe(identity: dict | None) -> str:
+    if not identity:
+        return "none"
+    if "sha256" in identity:
+        return f"sha256 {identity['sha256'][:12]}"
+    return repr(identity.get("spec"))
 
 
 def _norm(value):

@@ -16,6 +16,7 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,43 @@ def is_bbc_spec(spec: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def data_identity(spec: str) -> dict[str, str]:
+    """What a checkpoint records about a data spec, so that ``--resume`` can tell the data is still the same.
+
+    Why content and not the path: the config (and so the checkpoint) already holds the spec as typed, but a file
+    edited or replaced under the same name would silently continue the run on other examples. The embedded BBC
+    corpus ships with the package, so its spec names it. A local file is hashed whole; a directory by exactly
+    what ``load_local`` reads (its visible ``*.txt`` files, top level or one label folder down), each with its
+    relative path so that a document moved to another label counts as a change.
+    """
+    if is_bbc_spec(spec):
+        return {"spec": spec}
+    path = Path(spec).expanduser().resolve()
+    digest = hashlib.sha256()
+    if path.is_dir():
+        files = _txt_files(path) + [f for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")
+                                    for f in _txt_files(d)]
+        for f in sorted(files, key=lambda f: f.relative_to(path).as_posix()):
+            one = hashlib.sha256()
+            _hash_file(f, one)
+            digest.update(f.relative_to(path).as_posix().encode() + b"\x00" + one.digest())
+    else:
+        _hash_file(path, digest)
+    return {"path": str(path), "sha256": digest.hexdigest()}
+
+
+def _txt_files(folder: Path) -> list[Path]:
+    """The documents ``load_local`` reads from one folder: visible files ending in .txt (any case)."""
+    return [f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix.lower() == ".txt"]
+
+
+def _hash_file(path: Path, digest: Any) -> None:
+    """Feed ``path``'s bytes to a hashlib object in chunks (data files may not fit in memory twice)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
 
 
 def load_splits(spec: str, val_spec: str | None = None) -> DataSplits:

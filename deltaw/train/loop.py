@@ -37,8 +37,8 @@ from . import checkpoint as ckpt
 from . import distributed as dist_util
 from . import report
 from .config import TrainConfig
-from .data import (BatchStream, Example, align_labels, collate, is_bbc_spec, limit, load_splits, pad_id_of, shard,
-                   tokenize_causal, tokenize_classification)
+from .data import (BatchStream, Example, align_labels, collate, data_identity, is_bbc_spec, limit, load_splits,
+                   pad_id_of, shard, tokenize_causal, tokenize_classification)
 from .evaluate import EvalResult, evaluate
 from .loading import load_for_task
 from .objectives import loss_sum
@@ -236,6 +236,11 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
 
     seed_everything(config.seed)
     splits = load_splits(config.data, config.val_data)
+    # Hashed only when a checkpoint is read or written (a data file may be large); after load_splits, so a
+    # missing file is reported by the loader.
+    data_id = _data_identity(config) if config.checkpoint_every or resume_from is not None else {}
+    if resume_from is not None and saved_state is not None:
+        ckpt.check_data(saved_state, data_id, resume_from)
     train_ds = limit(splits.train, config.max_train_examples)
     label_names = list(getattr(train_ds, "label_names", []) or []) if config.task == "classification" else []
     if config.task == "classification" and len(label_names) < 2:
@@ -380,7 +385,7 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
                 stopped_early = _track_best(validation, state, config, ctx, out, save_adapter, log_path)
             if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < total \
                     and not stopped_early:
-                _checkpoint(out, state, config, ctx, optimizer, names, save_adapter)
+                _checkpoint(out, state, config, ctx, optimizer, names, save_adapter, data_id)
             if stopped_early:
                 log.info("early stopping at step %d: no validation improvement in %d evaluations (best %.4f at "
                          "step %d)", state.step, config.early_stopping_patience, state.best_val_loss, state.best_step)
@@ -435,10 +440,19 @@ def _track_best(validation: EvalResult, state: ckpt.TrainerState, config: TrainC
     return bool(config.early_stopping_patience) and state.bad_evals >= config.early_stopping_patience
 
 
-def _checkpoint(out: Path, state: ckpt.TrainerState, config: TrainConfig, ctx, optimizer, names, save_adapter) -> None:
+def _data_identity(config: TrainConfig) -> dict[str, dict]:
+    """Fingerprints of the training and validation data (``data.data_identity``), for checkpoints and resume."""
+    found = {"data": data_identity(config.data)}
+    if config.val_data:
+        found["val_data"] = data_identity(config.val_data)
+    return found
+
+
+def _checkpoint(out: Path, state: ckpt.TrainerState, config: TrainConfig, ctx, optimizer, names, save_adapter,
+                data_id: dict[str, dict]) -> None:
     path = ckpt.checkpoint_dir(out, state.step)
     ckpt.write(path, rank=ctx.rank, is_main=ctx.is_main, save_adapter=save_adapter, optimizer=optimizer, names=names,
-               state=state, identity=config.identity(), world_size=ctx.world_size)
+               state=state, identity=config.identity(), world_size=ctx.world_size, data=data_id)
     dist_util.barrier(ctx)
     ckpt.write_rng(path, ctx.rank)
     dist_util.barrier(ctx)

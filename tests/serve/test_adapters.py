@@ -360,3 +360,100 @@ def test_adapter_stored_in_half_precision_is_budgeted_at_its_loaded_size(private
     store.budget = half_bytes * 2  # fits once loaded: served normally
     store.acquire("a0half")
     assert store.resident_names() == ["a0half"] and store.used_bytes() == half_bytes * 2
+
+
+def test_admin_load_is_not_a_cache_miss(private_root):
+    """POST /v1/adapters loads on purpose: it was counted in deltaw_adapter_cache_misses_total, so preloading
+    made the cache look cold (and skewed the hit ratio). It is a load (deltaw_adapter_loads_total), not a miss."""
+    from deltaw.serve.adapters import AdapterStore
+    from deltaw.serve.metrics import Metrics
+    from serve_helpers import make_llama
+
+    metrics = Metrics(8)
+    store = AdapterStore(make_llama(), private_root, 1 << 20, metrics)
+    store.load("a0", pin=True)
+    store.load("a1")
+    assert metrics.cache_misses.value() == 0 and metrics.adapter_loads.value(result="ok") == 2
+    store.acquire("a0")  # resident: a hit
+    store.acquire("a2")  # loaded for a request: a miss
+    assert (metrics.cache_hits.value(), metrics.cache_misses.value()) == (1, 1)
+    assert metrics.adapter_loads.value(result="ok") == 3
+
+
+def _save_big_adapter(root) -> None:
+    """An adapter twice the size of a0..a3 (r=8), so that evicting one small idle adapter may not be enough."""
+    import deltaw
+    from serve_helpers import TARGETS, make_llama
+
+    model = make_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=8, alpha=16, target_modules=TARGETS), "big")
+    deltaw.save(model, root / "big", "big")
+
+
+def test_waiting_for_room_evicts_nothing_until_the_adapter_fits(private_root):
+    """Making room evicted idle adapters one by one and only then found that the running ones still left no
+    room: the admission waited anyway, and every retry threw away whatever had become idle meanwhile. Now an
+    eviction happens only when it lets the adapter fit, and only as many adapters as needed go."""
+    from deltaw.serve.adapters import AdapterStore, Wait
+    from deltaw.serve.metrics import Metrics
+    from serve_helpers import make_llama
+
+    _save_big_adapter(private_root)
+    metrics = Metrics(8)
+    store = AdapterStore(make_llama(), private_root, 3 * ADAPTER_BYTES, metrics)
+    store.acquire("a0")
+    store.acquire("a1")  # two running sequences
+    store.load("a2")  # idle
+    for _ in range(3):  # the scheduler retries every step
+        with pytest.raises(Wait):
+            store.acquire("big")  # 2 units; a0 + a1 leave 1 even with a2 gone
+    assert store.resident_names() == ["a0", "a1", "a2"] and metrics.cache_evictions.value() == 0
+    store.release("a1")  # a1's sequence finishes: evicting a1 and a2 makes room
+    store.acquire("big")
+    assert store.resident_names() == ["a0", "big"] and metrics.cache_evictions.value() == 2
+    assert store.used_bytes() == 3 * ADAPTER_BYTES
+
+
+def test_an_adapter_over_its_estimate_evicts_nothing_when_it_cannot_fit(private_root):
+    """The same after loading: an adapter whose estimate was low evicted idle adapters to settle the budget,
+    then was unloaded anyway because the running ones left no room -- and was loaded again (and evicted more)
+    on every retry. Its loaded size is remembered, so retries wait without loading it again."""
+    from deltaw.serve.adapters import AdapterStore, Wait
+    from deltaw.serve.metrics import Metrics
+    from serve_helpers import make_llama
+
+    _save_big_adapter(private_root)
+    metrics = Metrics(8)
+    store = AdapterStore(make_llama(), private_root, 3 * ADAPTER_BYTES, metrics)
+    store.acquire("a0")
+    store.acquire("a1")
+    store.load("a2")
+    store._estimate = lambda directory: 0  # an estimate that is too low (e.g. an unreadable header)
+    for _ in range(3):
+        with pytest.raises(Wait):
+            store.acquire("big")
+    assert store.resident_names() == ["a0", "a1", "a2"] and metrics.cache_evictions.value() == 0
+    assert metrics.adapter_loads.value(result="ok") == 4  # a0, a1, a2, and big once
+    store.release("a1")
+    store.acquire("big")  # its known size: a1 and a2 make room before it is loaded
+    assert store.resident_names() == ["a0", "big"] and metrics.cache_evictions.value() == 2
+    assert store.used_bytes() == 3 * ADAPTER_BYTES
+
+
+def test_a_loaded_adapter_whose_folder_was_deleted_is_still_a_model(private_root, tokenizer):
+    """GET /v1/models/{id} located the adapter on disk first, so a resident adapter whose folder was removed
+    after loading answered 404 while it was still being served (and listed by GET /v1/models)."""
+    server, thread, url = start_server(private_root, tokenizer)
+    try:
+        assert httpx.post(f"{url}/v1/adapters", json={"name": "a0"}, timeout=30).status_code == 200
+        shutil.rmtree(private_root / "a0")
+        shutil.rmtree(private_root / "a1")  # never loaded: really gone
+        r = httpx.get(f"{url}/v1/models/a0", timeout=10)
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == "a0" and r.json()["loaded"] is True
+        assert "a0" in [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]]
+        assert complete(url, "a0").status_code == 200  # it is being served
+        assert_openai_error(httpx.get(f"{url}/v1/models/a1", timeout=10), 404, "model_not_found")
+        assert_openai_error(httpx.get(f"{url}/v1/models/bad.name", timeout=10), 400, "invalid_model_name")
+    finally:
+        thread.stop()

@@ -1,8 +1,10 @@
-"""--resume continues bit for bit, and refuses checkpoints of another configuration or base model."""
+"""--resume continues bit for bit, and refuses checkpoints of another configuration, base model or training data."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import tiny_models
@@ -68,3 +70,49 @@ def test_resume_refuses_another_base(tmp_path, text_file):
     go(config(tmp_path, "run", text_file, steps=4))
     with pytest.raises(BaseModelMismatchError):
         go(config(tmp_path, "run", text_file, steps=4, resume=True), seed=1)
+
+
+def test_resume_refuses_changed_training_data(tmp_path, text_file):
+    """Resume compared the config (the data *path*) but not the data: a file edited or replaced under the same
+    name silently continued the run on other examples. The checkpoint records a sha256 of the file."""
+    go(config(tmp_path, "run", text_file, steps=4))  # leaves checkpoints/step-000003
+    original = text_file.read_bytes()
+    tiny_models.write_text_jsonl(text_file, 40, seed=1)  # same name, other texts
+    with pytest.raises(CheckpointError, match=rf"training data {re.escape(str(text_file.resolve()))} changed"):
+        go(config(tmp_path, "run", text_file, steps=4, resume=True))
+    text_file.write_bytes(original)  # the original data again: resumes
+    assert go(config(tmp_path, "run", text_file, steps=4, resume=True)).steps == 4
+
+
+def test_data_identity_covers_what_the_loader_reads(tmp_path):
+    from deltaw.train.data import data_identity
+
+    assert data_identity("bbc:tech") == {"spec": "bbc:tech"}  # the embedded corpus: the spec names it
+    folder = tmp_path / "docs"
+    (folder / "pos").mkdir(parents=True)
+    (folder / "pos" / "a.txt").write_text("good news")
+    (folder / "neg").mkdir()
+    (folder / "neg" / "b.txt").write_text("bad news")
+    before = data_identity(str(folder))
+    assert before["path"] == str(folder.resolve()) and len(before["sha256"]) == 64
+    (folder / ".notes.txt").write_text("hidden: never read")
+    (folder / "pos" / "README.md").write_text("not a .txt: never read")
+    assert data_identity(str(folder)) == before
+    (folder / "neg" / "b.txt").rename(folder / "pos" / "b.txt")  # same bytes, another label
+    assert data_identity(str(folder)) != before
+    (folder / "pos" / "b.txt").rename(folder / "neg" / "b.txt")
+    (folder / "pos" / "a.txt").write_text("good news!")
+    assert data_identity(str(folder)) != before
+
+
+def test_check_data_names_what_changed_and_refuses_unfingerprinted_checkpoints():
+    from deltaw.train import checkpoint as ckpt
+
+    old = {"data": {"path": "/old/place/t.jsonl", "sha256": "a" * 64}}
+    ckpt.check_data({"data": old}, {"data": {"path": "/new/place/t.jsonl", "sha256": "a" * 64}}, Path("ck"))  # moved
+    with pytest.raises(CheckpointError, match="validation data /v.jsonl changed"):
+        ckpt.check_data({"data": old}, {**old, "val_data": {"path": "/v.jsonl", "sha256": "b" * 64}}, Path("ck"))
+    with pytest.raises(CheckpointError, match="training data bbc:sport changed"):
+        ckpt.check_data({"data": {"data": {"spec": "bbc:tech"}}}, {"data": {"spec": "bbc:sport"}}, Path("ck"))
+    with pytest.raises(CheckpointError, match="no fingerprint of its training data"):
+        ckpt.check_data({"format": ckpt.FORMAT}, old, Path("ck"))  # written before checkpoints recorded it
