@@ -293,16 +293,23 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             work = torch.promote_types(w0.dtype, torch.float32)
             new = w0 if work == w0.dtype else w0.to(work)
             direct = out if new is w0 else None  # fp32/fp64 W0: the first addmm writes straight into out
+            finite = None  # known from the fused kernel when it computed the whole result
             for name, weight in mine:
                 a, b = self._a_params[name], self._b_params[name]
                 if a.dtype != work:  # (no-op .to calls cost ~3 µs each, 400 per merge)
                     a, b = a.to(work), b.to(work)
-                new = self.add_delta(new, a, b, weight * self.scaling[name], inplace=new is not w0, out=direct)
+                alpha = weight * self.scaling[name]
+                if new is w0:  # first term: one fused pass W0 -> result where the layer has a kernel for it
+                    fused = self.fused_delta(w0, a, b, alpha, out=direct)
+                    if fused is not None:
+                        new, finite = fused[0], (fused[1] if len(mine) == 1 else None)
+                        continue
+                new = self.add_delta(new, a, b, alpha, inplace=new is not w0, out=direct)
             if new.dtype != w0.dtype:
                 new = new.to(w0.dtype)
-        # Scanned every time: nothing about W0 can be remembered safely between merges (a write through
-        # ``weight.data`` does not even bump the parameter's version counter).
-        if not _all_finite(new):
+        # Scanned every time (or by the fused kernel as it wrote): nothing about W0 can be remembered safely
+        # between merges (a write through ``weight.data`` does not even bump the parameter's version counter).
+        if not (finite if finite is not None else _all_finite(new)):
             bad = [n for n, _ in mine
                    if not (torch.isfinite(self._a_params[n]).all() and torch.isfinite(self._b_params[n]).all())]
             why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
@@ -322,6 +329,13 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         now (nothing written into a merged adapter since), so it can be recomputed after an in-place rewrite."""
         return self._pristine is not None and self._installed is not None and \
             self._installed == self.merge_stamp(merged)
+
+    def fused_delta(self, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+        """(w0 + alpha·ΔW(a, b), whether it is all finite), computed in one fused pass into ``out`` (or a new
+        tensor); None when this layer type, dtype or device has no fused kernel (``out`` untouched).
+        Matmul-shaped layers override it."""
+        return None
 
     def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,
                   out: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .base import LoraLayer
 
 
@@ -47,6 +48,16 @@ class LoraLinear(LoraLayer):
         m1, m2 = self._delta_factors(a, b)
         return w.addmm_(m1, m2, alpha=alpha) if inplace else torch.addmm(w, m1, m2, alpha=alpha, out=out)
 
+    def fused_delta(self, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+                    out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+        if w0.device.type != "cpu" or w0.dtype != torch.float32 or not w0.is_contiguous() or \
+                native.kernel() is None:
+            return None  # (the kernel is fp32 CPU only)
+        m1, m2 = self._delta_factors(a, b)  # ΔW = m1·m2
+        dest = out if out is not None else torch.empty(w0.shape, dtype=w0.dtype)
+        finite = native.merge_into(dest, w0, m1, m2 if m2.is_contiguous() else m2.contiguous(), alpha)
+        return None if finite is None else (dest, finite)
+
     def _delta_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return b, a  # ΔW = B·A (out, in)
 
@@ -54,6 +65,9 @@ class LoraLinear(LoraLayer):
         a, b = self._a_params[name], self._b_params[name]
         if x.dtype != a.dtype or y.dtype != b.dtype or not y.is_contiguous():
             return super().add_lora_(y, x, name, scale)
+        if y.numel() == b.shape[0] and x.is_contiguous():  # one token (B = 1 decode): two GEMVs on B as stored
+            y.view(-1).addmv_(b, torch.mv(a, x.view(-1)), alpha=scale)  # (out,) += s·B·(A·x); (r,) in between
+            return y  # (addmm_ with Bᵀ, a transposed view, costs ~4 µs more per module at this size)
         h = F.linear(x, a)  # (..., r)
         y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale)  # (N, out) += s·h·Bᵀ
         return y

@@ -1,0 +1,172 @@
+"""The fused CPU merge kernel (deltaw/layers/merge_kernel.c via layers/native.py): same result as torch up to
+rounding, bit-identical across thread counts and paths, finiteness folded in, and it declines what it cannot do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltaw
+from deltaw.errors import NonFiniteError
+from deltaw.layers import native
+
+needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="no C compiler / AVX2+FMA here: torch path only")
+
+
+def _case(rows: int, cols: int, r: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, cols, generator=g), torch.randn(rows, r, generator=g) * 0.1,
+            torch.randn(r, cols, generator=g) * 0.1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,cols,r", [(64, 96, 16), (37, 53, 3), (5, 16, 1), (3, 7, 8), (130, 1040, 256),
+                                         (576, 576, 16)])
+def test_matches_torch_addmm(rows: int, cols: int, r: int) -> None:
+    w0, m1, m2 = _case(rows, cols, r)
+    out = torch.empty_like(w0)
+    assert native.merge_into(out, w0, m1, m2, 1.5) is True
+    torch.testing.assert_close(out, torch.addmm(w0, m1, m2, alpha=1.5), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_strided_left_factor_and_thread_count_give_identical_bits() -> None:
+    """Conv1D passes Aᵀ as a strided view; the partition over threads must not change a single bit."""
+    w0, m1, m2 = _case(301, 400, 16, seed=1)  # rows not a multiple of 4, cols not of 16: every tail path
+    m1_strided = m1.t().contiguous().t()  # same values, strides (1, rows)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads, left in ((1, m1), (2, m1_strided), (3, m1)):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(w0)
+            assert native.merge_into(out, w0, left, m2, 0.75) is True
+            results.append(out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["w0_nan", "w0_inf", "factor_nan", "overflow", "tail_nan"])
+def test_reports_non_finite_results(where: str) -> None:
+    w0, m1, m2 = _case(40, 70, 4)
+    if where == "w0_nan":
+        w0[3, 5] = float("nan")
+    elif where == "w0_inf":
+        w0[39, 0] = float("-inf")
+    elif where == "factor_nan":
+        m2[2, 17] = float("nan")
+    elif where == "overflow":
+        w0[10, 10] = 3.4e38
+        m1[10] = 1e19
+        m2[:, 10] = 1e19
+    else:  # an entry handled by the scalar column tail (cols 64..69)
+        w0[1, 68] = float("nan")
+    out = torch.empty_like(w0)
+    assert native.merge_into(out, w0, m1, m2, 1.0) is False
+
+
+@needs_kernel
+def test_bumps_the_output_version_counter() -> None:
+    w0, m1, m2 = _case(8, 32, 2)
+    out = torch.empty_like(w0)
+    before = out._version
+    assert native.merge_into(out, w0, m1, m2, 1.0) is True
+    assert out._version > before
+
+
+def test_declines_what_it_cannot_do() -> None:
+    w0, m1, m2 = _case(16, 32, 4)
+    out = torch.empty_like(w0)
+    assert native.merge_into(out, w0.double(), m1.double(), m2.double(), 1.0) is None  # fp64
+    assert native.merge_into(out, w0.t().contiguous().t(), m1, m2, 1.0) is None  # W0 not contiguous
+    assert native.merge_into(out, w0, m1, m2.t().contiguous().t(), 1.0) is None  # M2 not contiguous
+    big = _case(16, 32, native.MAX_RANK + 1)
+    assert native.merge_into(out, big[0], big[1], big[2], 1.0) is None  # rank above the kernel's bound
+    assert native.merge_into(w0, w0, m1, m2, 1.0) is None  # output overlaps an input
+    assert native.merge_into(m2.new_empty(16, 32), w0, m1, m2.new_empty(4, 31), 1.0) is None  # shapes
+    w_copy = w0.clone()
+    native.merge_into(w0, w0, m1, m2, 1.0)
+    assert torch.equal(w0, w_copy)
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTAW_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.kernel() is None
+    w0, m1, m2 = _case(16, 32, 4)
+    assert native.merge_into(torch.empty_like(w0), w0, m1, m2, 1.0) is None
+
+
+def test_cache_survives_a_new_process_build(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh cache folder gets one compiled file, found (not rebuilt) by the next load."""
+    if native.kernel() is None:
+        pytest.skip("no C compiler / AVX2+FMA here")
+    monkeypatch.setenv("DELTAW_CACHE", str(tmp_path))
+    assert native._compile() is not None
+    built = list((tmp_path / "native").glob("merge_kernel-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert native._compile() is not None
+    assert built[0].stat().st_mtime_ns == stamp and not list((tmp_path / "native").glob("*.tmp"))
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(48, 80)
+        self.proj = nn.Linear(80, 40)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(torch.relu(self.fc(x)))
+
+
+def _model_with_adapter() -> nn.Module:
+    torch.manual_seed(0)
+    model = _Two()
+    deltaw.attach(model, deltaw.LoraConfig(r=8, alpha=16, target_modules=["fc", "proj"]), "a")
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(model, "a"):
+            p.normal_(0, 0.1)
+    return model
+
+
+@needs_kernel
+def test_merge_through_the_kernel_equals_torch_path_and_unmerges_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _model_with_adapter()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls = []
+    real = native.merge_into
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(native, "merge_into", spy)
+    deltaw.merge(model, "a")
+    assert len(calls) == 2  # both layers went through the kernel
+    fused = {n: p.detach().clone() for n, p in model.named_parameters()}
+    deltaw.unmerge(model)
+    assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
+    monkeypatch.setenv("DELTAW_NATIVE", "0")  # torch path
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    deltaw.merge(model, "a")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), fused[n], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_nan_adapter_refused_through_the_kernel_leaves_weights() -> None:
+    model = _model_with_adapter()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        deltaw.adapter_parameters(model, "a")[0][0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="NaN/inf"):
+        deltaw.merge(model, "a")
+    factors = {id(p) for p in deltaw.adapter_parameters(model, "a")}
+    assert all(torch.equal(w0[n], p) for n, p in model.named_parameters() if id(p) not in factors)
+    assert deltaw.merged(model) == ()
