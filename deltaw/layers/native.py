@@ -53,6 +53,18 @@ def _build(cc: str, target: Path) -> bool:
             os.unlink(tmp)
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    """Load a built kernel and declare its signatures (OSError / AttributeError when the file is not one)."""
+    lib = ctypes.CDLL(str(path))
+    lib.dw_supported.restype = ctypes.c_int
+    lib.dw_supported.argtypes = []
+    fn = lib.dw_merge_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + \
+        [ctypes.c_float, ctypes.c_int]
+    return lib
+
+
 def _compile() -> ctypes.CDLL | None:
     if os.environ.get("DELTAW_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -68,31 +80,32 @@ def _compile() -> ctypes.CDLL | None:
         key = hashlib.sha256(SOURCE.read_bytes() + ident).hexdigest()[:16]
         from ..models.embedded import default_cache_dir
         target = default_cache_dir() / "native" / f"merge_kernel-{key}.so"
+        lib = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            ready = target.is_file() or _build(cc, target)
+            if target.is_file():
+                try:
+                    lib = _open(target)
+                except (OSError, AttributeError) as err:  # damaged: build it again
+                    log.info("rebuilding the cached merge kernel %s (%s)", target, err)
+                    target.unlink(missing_ok=True)
+            if lib is None and _build(cc, target):
+                lib = _open(target)
         except OSError:  # read-only cache: build for this process only
             scratch = tempfile.mkdtemp(prefix="deltaw-native-")
             target = Path(scratch) / target.name
-            ready = _build(cc, target)
-        if not ready:
-            return None
-        lib = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as err:
+            lib = _open(target) if _build(cc, target) else None
+    except (OSError, AttributeError, subprocess.SubprocessError) as err:
         log.info("the merge kernel is unavailable (%s): merges use the torch path", err)
         return None
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # already mapped
-    lib.dw_supported.restype = ctypes.c_int
-    lib.dw_supported.argtypes = []
+    if lib is None:
+        return None
     if not lib.dw_supported():
         log.info("this CPU lacks AVX2/FMA: merges use the torch path")
         return None
-    fn = lib.dw_merge_f32
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + \
-        [ctypes.c_float, ctypes.c_int]
     return lib
 
 

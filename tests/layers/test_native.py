@@ -3,6 +3,10 @@ rounding, bit-identical across thread counts and paths, finiteness folded in, an
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -170,3 +174,30 @@ def test_nan_adapter_refused_through_the_kernel_leaves_weights() -> None:
     factors = {id(p) for p in deltaw.adapter_parameters(model, "a")}
     assert all(torch.equal(w0[n], p) for n, p in model.named_parameters() if id(p) not in factors)
     assert deltaw.merged(model) == ()
+
+
+def test_a_damaged_cached_kernel_is_rebuilt(tmp_path) -> None:
+    """Fresh processes (a process that has the library mapped keeps using it whatever happens to the file)."""
+    if native.kernel() is None:
+        pytest.skip("no C compiler / AVX2+FMA here")
+    probe = ("import torch; from deltaw.layers import native; lib = native._compile(); "
+             "w0 = torch.randn(8, 16); m1 = torch.randn(8, 2); m2 = torch.randn(2, 16); out = torch.empty_like(w0); "
+             "assert native.merge_into(out, w0, m1, m2, 1.0) is True; "
+             "torch.testing.assert_close(out, torch.addmm(w0, m1, m2), rtol=1e-6, atol=1e-6); print('ok')")
+    env = {**os.environ, "DELTAW_CACHE": str(tmp_path)}
+    assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "ok"
+    (built,) = (tmp_path / "native").glob("merge_kernel-*.so")
+    built.write_bytes(b"not a shared library")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert built.stat().st_size > 1000
+
+
+def test_a_failing_compiler_leaves_the_torch_path(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'no such luck' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("DELTAW_CACHE", str(tmp_path / "cache"))
+    assert native._compile() is None
+    assert not list((tmp_path / "cache" / "native").glob("*"))  # no half-written file left behind
