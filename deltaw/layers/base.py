@@ -301,6 +301,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 if a.dtype != work:  # (no-op .to calls cost ~3 µs each, 400 per merge)
                     a, b = a.to(work), b.to(work)
                 alpha = weight * self.scaling[name]
+                if alpha == 0.0 and not (_all_finite(a) and _all_finite(b)):
+                    # BLAS skips the product when alpha is 0: a NaN adapter would pass on the torch path only.
+                    raise NonFiniteError(f"refusing to merge: adapter {name!r} holds NaN/inf (weight 0)")
                 if new is w0:  # first term: one fused pass W0 -> result where the layer has a kernel for it
                     fused = self.fused_delta(w0, a, b, alpha, out=direct)
                     if fused is not None:

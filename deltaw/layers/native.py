@@ -122,7 +122,11 @@ def kernel() -> ctypes.CDLL | None:
 
 def _fits(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor) -> bool:
     tensors = (out, w0, m1, m2)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or t.requires_grad for t in tensors):
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+        return False
+    # No autograd here: with grad mode on, a tensor that requires grad must not be read behind its back. (Under
+    # no_grad, merges of trainable factors -- Parameters with requires_grad -- are what the kernel is for.)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
     if w0.dim() != 2 or out.shape != w0.shape or not (out.is_contiguous() and w0.is_contiguous()):
         return False

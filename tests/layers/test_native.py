@@ -146,12 +146,13 @@ def test_merge_through_the_kernel_equals_torch_path_and_unmerges_exactly(monkeyp
     real = native.merge_into
 
     def spy(*args):
-        calls.append(args[0].shape)
-        return real(*args)
+        result = real(*args)
+        calls.append(result)
+        return result
 
     monkeypatch.setattr(native, "merge_into", spy)
     deltaw.merge(model, "a")
-    assert len(calls) == 2  # both layers went through the kernel
+    assert calls == [True, True]  # both layers went through the kernel (trainable factors: the default)
     fused = {n: p.detach().clone() for n, p in model.named_parameters()}
     deltaw.unmerge(model)
     assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
@@ -164,13 +165,25 @@ def test_merge_through_the_kernel_equals_torch_path_and_unmerges_exactly(monkeyp
 
 
 @needs_kernel
-def test_nan_adapter_refused_through_the_kernel_leaves_weights() -> None:
+@pytest.mark.parametrize("trainable", [True, False])
+def test_nan_adapter_refused_through_the_kernel_leaves_weights(trainable: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     model = _model_with_adapter()
+    deltaw.set_trainable(model, "a" if trainable else None)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         deltaw.adapter_parameters(model, "a")[0][0, 0] = float("nan")
+    results = []
+    real = native.merge_into
+
+    def spy(*args):
+        results.append(real(*args))
+        return results[-1]
+
+    monkeypatch.setattr(native, "merge_into", spy)
     with pytest.raises(NonFiniteError, match="NaN/inf"):
         deltaw.merge(model, "a")
+    assert False in results  # the kernel saw the NaN
     factors = {id(p) for p in deltaw.adapter_parameters(model, "a")}
     assert all(torch.equal(w0[n], p) for n, p in model.named_parameters() if id(p) not in factors)
     assert deltaw.merged(model) == ()
@@ -201,3 +214,43 @@ def test_a_failing_compiler_leaves_the_torch_path(tmp_path, monkeypatch: pytest.
     monkeypatch.setenv("DELTAW_CACHE", str(tmp_path / "cache"))
     assert native._compile() is None
     assert not list((tmp_path / "cache" / "native").glob("*"))  # no half-written file left behind
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_a_nan_adapter_merged_at_weight_zero_is_refused_on_both_paths(native_on: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    if not native_on:
+        monkeypatch.setenv("DELTAW_NATIVE", "0")
+        monkeypatch.setattr(native, "_tried", False)
+        monkeypatch.setattr(native, "_lib", None)
+    model = _model_with_adapter()
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        deltaw.adapter_parameters(model, "a")[1][0, 0] = float("inf")
+    with pytest.raises(NonFiniteError, match="NaN/inf"):
+        deltaw.merge(model, {"a": 0.0})
+    factors = {id(p) for p in deltaw.adapter_parameters(model, "a")}
+    assert all(torch.equal(w0[n], p) for n, p in model.named_parameters() if id(p) not in factors)
+
+
+@needs_kernel
+def test_refused_merge_rolls_back_exactly_after_the_factors_trainability_changes() -> None:
+    """Which path computes a layer must not depend on requires_grad: a refused in-place re-merge recomputes the
+    previous weights, and they must come back bit for bit (they did not when the two paths differed)."""
+    torch.manual_seed(0)
+    model = _Two()
+    for name in ("a", "bad"):  # a scaling that is no power of two: the two paths round differently
+        deltaw.attach(model, deltaw.LoraConfig(r=16, alpha=24, target_modules=["fc", "proj"]), name)
+    with torch.no_grad():
+        for name in ("a", "bad"):
+            for p in deltaw.adapter_parameters(model, name):
+                p.normal_(0, 0.3)
+        deltaw.adapter_parameters(model, "bad")[0][0, 0] = float("nan")
+    deltaw.set_trainable(model, "a")
+    deltaw.merge(model, "a")
+    installed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    deltaw.set_trainable(model, None)
+    with pytest.raises(NonFiniteError):
+        deltaw.merge(model, "bad")
+    nan_factors = {id(p) for p in deltaw.adapter_parameters(model, "bad")}
+    assert all(torch.equal(installed[n], p) for n, p in model.named_parameters() if id(p) not in nan_factors)
