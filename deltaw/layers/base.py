@@ -290,12 +290,13 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 "too. Untie the weights first (e.g. clone the output head's weight)"
             )
         with torch.no_grad():
-            # One fused pass per adapter (addmm into an fp32 copy of W0): merge is bound by bytes moved.
-            # Layout of W0, at least fp32 so small updates survive bf16/fp16 bases (fp64 stays fp64).
+            # Merge is bound by bytes moved: one pass over W0 for the whole stack where a fused kernel exists,
+            # else one addmm per adapter. Layout of W0, at least fp32 so small updates survive bf16/fp16 bases
+            # (fp64 stays fp64).
             work = torch.promote_types(w0.dtype, torch.float32)
             new = w0 if work == w0.dtype else w0.to(work)
             direct = out if new is w0 else None  # fp32/fp64 W0: the first addmm writes straight into out
-            finite = None  # known from the fused kernel when it computed the whole result
+            terms: list[tuple[torch.Tensor, torch.Tensor, float]] = []
             for name, weight in mine:
                 a, b = self._a_params[name], self._b_params[name]
                 if a.dtype != work:  # (no-op .to calls cost ~3 µs each, 400 per merge)
@@ -304,12 +305,17 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 if alpha == 0.0 and not (_all_finite(a) and _all_finite(b)):
                     # BLAS skips the product when alpha is 0: a NaN adapter would pass on the torch path only.
                     raise NonFiniteError(f"refusing to merge: adapter {name!r} holds NaN/inf (weight 0)")
-                if new is w0:  # first term: one fused pass W0 -> result where the layer has a kernel for it
-                    fused = self.fused_delta(w0, a, b, alpha, out=direct)
-                    if fused is not None:
-                        new, finite = fused[0], (fused[1] if len(mine) == 1 else None)
-                        continue
-                new = self.add_delta(new, a, b, alpha, inplace=new is not w0, out=direct)
+                terms.append((a, b, alpha))
+            # One fused pass W0 -> result where the layer has a kernel for the whole stack; else one addmm per
+            # term, the first writing straight into ``out``. (Never both: a kernel call right after torch's
+            # parallel ops competes with their still-spinning worker threads -- 2x slower, measured.)
+            fused = self.fused_delta(w0, terms, out=direct) if new is w0 else None
+            finite = None  # known when the fused kernel computed the result
+            if fused is not None:
+                new, finite = fused
+            else:
+                for a, b, alpha in terms:
+                    new = self.add_delta(new, a, b, alpha, inplace=new is not w0, out=direct)
             if new.dtype != w0.dtype:
                 new = new.to(w0.dtype)
         # Scanned every time (or by the fused kernel as it wrote): nothing about W0 can be remembered safely
@@ -335,11 +341,11 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         return self._pristine is not None and self._installed is not None and \
             self._installed == self.merge_stamp(merged)
 
-    def fused_delta(self, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+    def fused_delta(self, w0: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
-        """(w0 + alpha·ΔW(a, b), whether it is all finite), computed in one fused pass into ``out`` (or a new
-        tensor); None when this layer type, dtype or device has no fused kernel (``out`` untouched).
-        Matmul-shaped layers override it."""
+        """(w0 + Σ alpha·ΔW(a, b) over ``terms`` (a, b, alpha), whether it is all finite), computed in one fused
+        pass into ``out`` (or a new tensor); None when this layer type, dtype, device or total rank has no fused
+        kernel (``out`` untouched). Matmul-shaped layers override it."""
         return None
 
     def add_delta(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float, inplace: bool,

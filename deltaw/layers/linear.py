@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,14 +50,18 @@ class LoraLinear(LoraLayer):
         m1, m2 = self._delta_factors(a, b)
         return w.addmm_(m1, m2, alpha=alpha) if inplace else torch.addmm(w, m1, m2, alpha=alpha, out=out)
 
-    def fused_delta(self, w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+    def fused_delta(self, w0: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, bool] | None:
+        # fp32 CPU only, up to the total rank where one fused pass still beats torch's GEMM pass per adapter.
         if w0.device.type != "cpu" or w0.dtype != torch.float32 or not w0.is_contiguous() or \
-                native.kernel() is None:
-            return None  # (the kernel is fp32 CPU only)
-        m1, m2 = self._delta_factors(a, b)  # ΔW = m1·m2
+                sum(a.shape[0] for a, _, _ in terms) > native.FUSED_MAX_RANK or native.kernel() is None:
+            return None
+        parts = []
+        for a, b, alpha in terms:
+            m1, m2 = self._delta_factors(a, b)  # ΔW = m1·m2
+            parts.append((m1, m2 if m2.is_contiguous() else m2.contiguous(), alpha))
         dest = out if out is not None else torch.empty(w0.shape, dtype=w0.dtype)
-        finite = native.merge_into(dest, w0, m1, m2 if m2.is_contiguous() else m2.contiguous(), alpha)
+        finite = native.merge_terms_into(dest, w0, parts)
         return None if finite is None else (dest, finite)
 
     def _delta_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,5 @@
-/* deltaw's fused merge kernel: W = W0 + M1 · M2 in one pass over memory, with the all-finite check folded in.
+/* deltaw's fused merge kernel: W = W0 + Σ_t alpha_t · M1_t · M2_t in one pass over memory, with the all-finite
+ * check folded in.
  *
  * Why it exists: torch.addmm(W0, B, A, out=W) copies W0 into W (one full pass over the weight) and then runs a
  * K = r GEMM that reads and writes W again (a second pass). A rank-16 update is ~16 FMAs per element, so both
@@ -6,11 +7,13 @@
  * for the NaN/inf scan. Here each 4-row x 16-column block of W0 is read once, the rank-r product is formed in
  * registers, and the result is written once with non-temporal stores (no read-for-ownership of W).
  *
+ * A weighted stack of adapters is one product of rank R = Σ r_t: the terms' ranks are walked in order.
  * Arithmetic, identical on every path (vector block, column tail, row tail) and for any thread count, so a
- * result never depends on alignment or partition:   c_k = alpha * M1[i, k]   (fp32 multiply)
- *     s = 0;  s = fma(c_k, M2[k, j], s) for k = 0 .. r-1;   W[i, j] = W0[i, j] + s
+ * result never depends on alignment or partition:   c_k = alpha_t * M1_t[i, k]   (fp32 multiply)
+ *     s = 0;  s = fma(c_k, M2_t[k, j], s) for every (t, k) in order;   W[i, j] = W0[i, j] + s
  *
- * Shapes: W, W0 (rows, cols) contiguous; M1 (rows, r) with any strides; M2 (r, cols) contiguous; r <= 256.
+ * Shapes: W, W0 (rows, cols) contiguous; M1_t (rows, r_t) with any strides; M2_t (r_t, cols) contiguous;
+ * R <= 256.
  * Returns 0 when every W[i, j] is finite, 1 when one is not (NaN/inf: v - v is NaN exactly then), -1 when this
  * build or CPU cannot run it (the caller falls back to torch). x86-64 with AVX2 + FMA only.
  */
@@ -20,11 +23,18 @@
 #define DW_MAX_RANK 256
 
 typedef struct {
-    float *w;
-    const float *w0, *m1, *m2;
-    int64_t s1r, s1k, cols, r, r0, r1;
+    const float *m1, *m2; /* M1_t (rows, r) at strides (s1r, s1k); M2_t (r, cols) contiguous */
+    int64_t s1r, s1k, r;
     float alpha;
-    int streaming, bad;
+} dw_term;
+
+typedef struct {
+    float *w;
+    const float *w0;
+    const dw_term *terms;
+    const float *const *m2row; /* row k of the stacked M2, k < R */
+    int64_t cols, rank, r0, r1;
+    int nterms, streaming, bad;
 } dw_job;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -32,28 +42,36 @@ typedef struct {
 
 static float dw_tail(const dw_job *jb, const float *c, int64_t i, int64_t j) {
     float s = 0.f;
-    for (int64_t k = 0; k < jb->r; ++k) s = __builtin_fmaf(c[k], jb->m2[k * jb->cols + j], s);
+    for (int64_t k = 0; k < jb->rank; ++k) s = __builtin_fmaf(c[k], jb->m2row[k][j], s);
     float v = jb->w0[i * jb->cols + j] + s;
     jb->w[i * jb->cols + j] = v;
     return v - v;
 }
 
+static void dw_coefficients(const dw_job *jb, int64_t i, float *c) {
+    int64_t k0 = 0;
+    for (int t = 0; t < jb->nterms; ++t) {
+        const dw_term *tm = &jb->terms[t];
+        for (int64_t k = 0; k < tm->r; ++k) c[k0 + k] = tm->alpha * tm->m1[i * tm->s1r + k * tm->s1k];
+        k0 += tm->r;
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void dw_rows(dw_job *jb) {
-    const int64_t cols = jb->cols, r = jb->r;
+    const int64_t cols = jb->cols, r = jb->rank;
     float c[4][DW_MAX_RANK];
     __m256 chk = _mm256_setzero_ps();
     float tail = 0.f;
     int64_t i = jb->r0;
     for (; i + 4 <= jb->r1; i += 4) {
-        for (int q = 0; q < 4; ++q)
-            for (int64_t k = 0; k < r; ++k) c[q][k] = jb->alpha * jb->m1[(i + q) * jb->s1r + k * jb->s1k];
+        for (int q = 0; q < 4; ++q) dw_coefficients(jb, i + q, c[q]);
         int64_t j = 0;
         for (; j + 16 <= cols; j += 16) {
             __m256 s[4][2];
             for (int q = 0; q < 4; ++q) s[q][0] = s[q][1] = _mm256_setzero_ps();
             for (int64_t k = 0; k < r; ++k) {
-                const float *mk = jb->m2 + k * cols + j;
+                const float *mk = jb->m2row[k] + j;
                 __m256 x0 = _mm256_loadu_ps(mk), x1 = _mm256_loadu_ps(mk + 8);
                 for (int q = 0; q < 4; ++q) {
                     __m256 ck = _mm256_broadcast_ss(&c[q][k]);
@@ -80,7 +98,7 @@ static void dw_rows(dw_job *jb) {
             for (int q = 0; q < 4; ++q) tail += dw_tail(jb, c[q], i + q, j);
     }
     for (; i < jb->r1; ++i) {
-        for (int64_t k = 0; k < r; ++k) c[0][k] = jb->alpha * jb->m1[i * jb->s1r + k * jb->s1k];
+        dw_coefficients(jb, i, c[0]);
         for (int64_t j = 0; j < cols; ++j) tail += dw_tail(jb, c[0], i, j);
     }
     if (jb->streaming) _mm_sfence();
@@ -104,9 +122,16 @@ static void *dw_thread(void *arg) {
     return 0;
 }
 
-int dw_merge_f32(float *w, const float *w0, const float *m1, int64_t s1r, int64_t s1k, const float *m2,
-                 int64_t rows, int64_t cols, int64_t r, float alpha, int threads) {
-    if (!dw_supported() || r < 1 || r > DW_MAX_RANK || rows < 1 || cols < 1) return -1;
+int dw_merge_f32(float *w, const float *w0, int64_t rows, int64_t cols, const dw_term *terms, int nterms,
+                 int threads) {
+    if (!dw_supported() || nterms < 1 || rows < 1 || cols < 1) return -1;
+    const float *m2row[DW_MAX_RANK];
+    int64_t rank = 0;
+    for (int t = 0; t < nterms; ++t) {
+        if (terms[t].r < 1 || rank + terms[t].r > DW_MAX_RANK) return -1;
+        for (int64_t k = 0; k < terms[t].r; ++k) m2row[rank + k] = terms[t].m2 + k * cols;
+        rank += terms[t].r;
+    }
     if (threads < 1) threads = 1;
     if (threads > 64) threads = 64;
     if ((int64_t)threads * 4 > rows) threads = (int)(rows / 4 > 0 ? rows / 4 : 1);
@@ -119,7 +144,7 @@ int dw_merge_f32(float *w, const float *w0, const float *m1, int64_t s1r, int64_
     int started = 0;
     for (int t = 0; t < threads; ++t) {
         int64_t stop = (t == threads - 1 || start + per > rows) ? rows : start + per;
-        jobs[t] = (dw_job){w, w0, m1, m2, s1r, s1k, cols, r, start, stop, alpha, streaming, 0};
+        jobs[t] = (dw_job){w, w0, terms, m2row, cols, rank, start, stop, nterms, streaming, 0};
         start = stop;
     }
     for (int t = 1; t < threads; ++t) {

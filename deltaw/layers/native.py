@@ -1,4 +1,4 @@
-"""The fused CPU merge kernel (``merge_kernel.c``): W = W0 + alpha·M1·M2 and the all-finite check in one pass.
+"""The fused CPU merge kernel (``merge_kernel.c``): W = W0 + Σ alpha·M1·M2 and the all-finite check in one pass.
 
 Why native: on CPU a merge is bound by bytes moved. ``torch.addmm(W0, B, A, out=W)`` copies W0 into W and then
 runs a K = r GEMM over W (two passes), and the NaN/inf scan is a third; the kernel reads W0 once and writes W
@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("merge_kernel.c")
 MAX_RANK = 256  # DW_MAX_RANK in the C file: the kernel keeps 4 rows' coefficients on the stack
+# What merges send it: a total rank up to 32. Beyond, the product is compute-bound and this simple register
+# blocking loses to MKL (135M shape, 2 threads, merge + unmerge: one r=16 adapter 81 vs 124 ms, a stack of two
+# r=16 159 vs 207 ms, of four 364 vs 200 ms).
+FUSED_MAX_RANK = 32
 _MIN_THREADED = 1 << 16  # elements below which extra threads cost more than they save
 
 _lock = threading.Lock()
@@ -53,6 +58,13 @@ def _build(cc: str, target: Path) -> bool:
             os.unlink(tmp)
 
 
+class _Term(ctypes.Structure):
+    """``dw_term`` in merge_kernel.c: one adapter's M1 (rows, r) at strides (s1r, s1k), M2 (r, cols), alpha."""
+
+    _fields_ = [("m1", ctypes.c_void_p), ("m2", ctypes.c_void_p), ("s1r", ctypes.c_int64), ("s1k", ctypes.c_int64),
+                ("r", ctypes.c_int64), ("alpha", ctypes.c_float)]
+
+
 def _open(path: Path) -> ctypes.CDLL:
     """Load a built kernel and declare its signatures (OSError / AttributeError when the file is not one)."""
     lib = ctypes.CDLL(str(path))
@@ -60,8 +72,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.dw_supported.argtypes = []
     fn = lib.dw_merge_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] + [ctypes.c_int64] * 3 + \
-        [ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_Term),
+                   ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -120,23 +132,28 @@ def kernel() -> ctypes.CDLL | None:
     return _lib
 
 
-def _fits(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor) -> bool:
-    tensors = (out, w0, m1, m2)
+def _fits(out: torch.Tensor, w0: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> bool:
+    tensors = [out, w0, *(t for m1, m2, _ in terms for t in (m1, m2))]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
         return False
     # No autograd here: with grad mode on, a tensor that requires grad must not be read behind its back. (Under
     # no_grad, merges of trainable factors -- Parameters with requires_grad -- are what the kernel is for.)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    if w0.dim() != 2 or out.shape != w0.shape or not (out.is_contiguous() and w0.is_contiguous()):
+    if w0.dim() != 2 or out.shape != w0.shape or not (out.is_contiguous() and w0.is_contiguous()) or not terms:
         return False
     rows, cols = w0.shape
-    r = m1.shape[1] if m1.dim() == 2 else -1
-    if m1.shape != (rows, r) or m2.shape != (r, cols) or not 1 <= r <= MAX_RANK or not m2.is_contiguous():
+    rank = 0
+    for m1, m2, _ in terms:
+        r = m1.shape[1] if m1.dim() == 2 else -1
+        if r < 1 or m1.shape != (rows, r) or m2.shape != (r, cols) or not m2.is_contiguous():
+            return False
+        rank += r
+    if rank > MAX_RANK:
         return False
     # The output must not overlap an input (the kernel reads W0 and the factors while writing W).
     o0, o1 = out.data_ptr(), out.data_ptr() + out.numel() * 4
-    for t in (w0, m1, m2):
+    for t in tensors[1:]:
         lo = t.data_ptr()
         hi = lo + ((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) + 1) * 4
         if lo < o1 and o0 < hi:
@@ -144,21 +161,24 @@ def _fits(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tenso
     return True
 
 
-def merge_into(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> bool | None:
-    """out = w0 + alpha · m1 @ m2 (fp32, CPU) in one pass.   w0, out: (rows, cols); m1: (rows, r); m2: (r, cols).
+def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
+                     terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> bool | None:
+    """out = w0 + Σ alpha · m1 @ m2 over ``terms`` (m1, m2, alpha), fp32 on the CPU, in one pass.
+    w0, out: (rows, cols); each m1: (rows, r), any strides; each m2: (r, cols) contiguous; Σr ≤ MAX_RANK.
 
     Returns True when every entry of ``out`` is finite, False when one is not (``out`` then holds the rejected
-    values), None when the kernel does not apply (dtype, device, layout, rank > 256, overlap, no kernel) and
-    ``out`` is untouched."""
-    if not _fits(out, w0, m1, m2):
+    values), None when the kernel does not apply (dtype, device, layout, rank, overlap, no kernel) and ``out``
+    is untouched."""
+    if not _fits(out, w0, terms):
         return None
     lib = kernel()
     if lib is None:
         return None
     rows, cols = w0.shape
+    packed = (_Term * len(terms))(*(_Term(m1.data_ptr(), m2.data_ptr(), m1.stride(0), m1.stride(1), m1.shape[1],
+                                          float(alpha)) for m1, m2, alpha in terms))
     threads = torch.get_num_threads() if rows * cols >= _MIN_THREADED else 1
-    rc = lib.dw_merge_f32(out.data_ptr(), w0.data_ptr(), m1.data_ptr(), m1.stride(0), m1.stride(1), m2.data_ptr(),
-                          rows, cols, m1.shape[1], float(alpha), threads)
+    rc = lib.dw_merge_f32(out.data_ptr(), w0.data_ptr(), rows, cols, packed, len(terms), threads)
     if rc < 0:
         return None
     try:  # written behind autograd's back: saved-tensor checks must see it (inference tensors keep no counter)
@@ -166,3 +186,8 @@ def merge_into(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.
     except RuntimeError:
         pass
     return rc == 0
+
+
+def merge_into(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> bool | None:
+    """``merge_terms_into`` for one term: out = w0 + alpha · m1 @ m2."""
+    return merge_terms_into(out, w0, ((m1, m2, alpha),))

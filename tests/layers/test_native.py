@@ -53,6 +53,36 @@ def test_strided_left_factor_and_thread_count_give_identical_bits() -> None:
 
 
 @needs_kernel
+def test_several_terms_equal_their_sum_and_split_over_threads_identically() -> None:
+    w0 = torch.randn(203, 150)
+    terms = []
+    for r, alpha in ((5, 0.3), (16, -1.7), (1, 2.0)):
+        m1 = torch.randn(r, 203).t()  # strided (rows, r)
+        terms.append((m1, torch.randn(r, 150), alpha))
+    expected = w0 + sum(alpha * (m1 @ m2) for m1, m2, alpha in terms)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 5):
+            torch.set_num_threads(threads)
+            out = torch.empty_like(w0)
+            assert native.merge_terms_into(out, w0, terms) is True
+            outs.append(out)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    # one term through merge_into is the same arithmetic as that term alone in merge_terms_into
+    single = torch.empty_like(w0)
+    assert native.merge_into(single, w0, terms[1][0], terms[1][1], terms[1][2]) is True
+    again = torch.empty_like(w0)
+    assert native.merge_terms_into(again, w0, terms[1:2]) is True and torch.equal(single, again)
+    big = [(torch.randn(203, 200), torch.randn(200, 150), 1.0), (torch.randn(203, 57), torch.randn(57, 150), 1.0)]
+    assert native.merge_terms_into(torch.empty_like(w0), w0, big) is None  # Σr = 257 > MAX_RANK
+    assert native.merge_terms_into(torch.empty_like(w0), w0, []) is None
+
+
+@needs_kernel
 @pytest.mark.parametrize("where", ["w0_nan", "w0_inf", "factor_nan", "overflow", "tail_nan"])
 def test_reports_non_finite_results(where: str) -> None:
     w0, m1, m2 = _case(40, 70, 4)
@@ -143,14 +173,14 @@ def test_merge_through_the_kernel_equals_torch_path_and_unmerges_exactly(monkeyp
     model = _model_with_adapter()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     calls = []
-    real = native.merge_into
+    real = native.merge_terms_into
 
     def spy(*args):
         result = real(*args)
         calls.append(result)
         return result
 
-    monkeypatch.setattr(native, "merge_into", spy)
+    monkeypatch.setattr(native, "merge_terms_into", spy)
     deltaw.merge(model, "a")
     assert calls == [True, True]  # both layers went through the kernel (trainable factors: the default)
     fused = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -174,13 +204,13 @@ def test_nan_adapter_refused_through_the_kernel_leaves_weights(trainable: bool,
     with torch.no_grad():
         deltaw.adapter_parameters(model, "a")[0][0, 0] = float("nan")
     results = []
-    real = native.merge_into
+    real = native.merge_terms_into
 
     def spy(*args):
         results.append(real(*args))
         return results[-1]
 
-    monkeypatch.setattr(native, "merge_into", spy)
+    monkeypatch.setattr(native, "merge_terms_into", spy)
     with pytest.raises(NonFiniteError, match="NaN/inf"):
         deltaw.merge(model, "a")
     assert False in results  # the kernel saw the NaN
@@ -254,3 +284,116 @@ def test_refused_merge_rolls_back_exactly_after_the_factors_trainability_changes
         deltaw.merge(model, "bad")
     nan_factors = {id(p) for p in deltaw.adapter_parameters(model, "bad")}
     assert all(torch.equal(installed[n], p) for n, p in model.named_parameters() if id(p) not in nan_factors)
+
+
+def _stack_model(ranks: tuple[int, ...]) -> nn.Module:
+    torch.manual_seed(0)
+    model = _Two()
+    for i, r in enumerate(ranks):
+        deltaw.attach(model, deltaw.LoraConfig(r=r, alpha=1.5 * r, target_modules=["fc", "proj"]), f"s{i}")
+        with torch.no_grad():
+            for p in deltaw.adapter_parameters(model, f"s{i}"):
+                p.normal_(0, 0.2)
+    return model
+
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DELTAW_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+
+
+@needs_kernel
+def test_a_weighted_stack_merges_in_one_kernel_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _stack_model((4, 8, 2))
+    stack = {"s0": 0.7, "s1": -1.25, "s2": 2.0}
+    x = torch.randn(5, 48)
+    deltaw.activate(model, stack)
+    live = model(x).detach()
+    calls = []
+    real = native.merge_terms_into
+
+    def spy(*args):
+        calls.append(([m1.shape[1] for m1, _, _ in args[2]], real(*args)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(native, "merge_terms_into", spy)
+    deltaw.merge(model, stack)
+    assert calls == [([4, 8, 2], True), ([4, 8, 2], True)]  # one pass per layer for the whole stack
+    fused = {n: p.detach().clone() for n, p in model.named_parameters()}
+    deltaw.deactivate(model)  # merged output alone must equal the live stack
+    torch.testing.assert_close(model(x).detach(), live, rtol=1e-5, atol=1e-5)
+    deltaw.unmerge(model)
+    _torch_path(monkeypatch)
+    deltaw.merge(model, stack)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), fused[n], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_a_stack_with_a_nan_member_is_refused_and_changes_nothing() -> None:
+    model = _stack_model((4, 8))
+    deltaw.merge(model, "s0")
+    installed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        deltaw.adapter_parameters(model, "s1")[0][3, 3] = float("nan")
+    with pytest.raises(NonFiniteError, match="s1"):
+        deltaw.merge(model, "s1")  # the in-place re-merge of {s0, s1} is refused and rolled back
+    nan_factors = {id(p) for p in deltaw.adapter_parameters(model, "s1")}
+    assert all(torch.equal(installed[n], p) for n, p in model.named_parameters() if id(p) not in nan_factors)
+    assert deltaw.merged(model) == (("s0", 1.0),)
+
+
+def test_a_stack_over_the_kernel_rank_takes_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = _One(nn.Linear(300, 300))
+    for name, r in (("big", 200), ("more", 60)):  # Σr = 260 > native.MAX_RANK
+        deltaw.attach(model, deltaw.LoraConfig(r=r, alpha=r, target_modules=["layer"]), name)
+        with torch.no_grad():
+            for p in deltaw.adapter_parameters(model, name):
+                p.normal_(0, 0.05)
+    w0 = model.layer.base_layer.weight.detach().clone()
+    expected = w0 + sum(w * (b @ a) for w, (a, b) in ((0.5, deltaw.adapter_parameters(model, "big")),
+                                                      (2.0, deltaw.adapter_parameters(model, "more"))))
+    calls = []
+    monkeypatch.setattr(native, "merge_terms_into", lambda *args: calls.append(args) or None)
+    deltaw.merge(model, {"big": 0.5, "more": 2.0})
+    assert calls == []  # declined before the kernel
+    torch.testing.assert_close(model.layer.base_layer.weight.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _One(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@needs_kernel
+@pytest.mark.parametrize("nan_in", [None, "s0", "s2"])
+def test_a_stack_past_the_fused_rank_takes_the_torch_path_whole(nan_in: str | None,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _stack_model((16, 16, 8))  # Σr = 40 > FUSED_MAX_RANK
+    stack = {"s0": 1.0, "s1": 0.5, "s2": -2.0}
+    if nan_in is not None:
+        with torch.no_grad():
+            deltaw.adapter_parameters(model, nan_in)[1][0, 0] = float("nan")
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(3, 48)
+    deltaw.activate(model, stack)
+    live = model(x).detach()
+    deltaw.deactivate(model)
+    calls = []
+    monkeypatch.setattr(native, "merge_terms_into", lambda *args: calls.append(args) or None)
+    if nan_in is not None:
+        with pytest.raises(NonFiniteError, match=nan_in):
+            deltaw.merge(model, stack)
+        assert deltaw.merged(model) == ()
+        nan_factors = {id(p) for p in deltaw.adapter_parameters(model, nan_in)}
+        assert all(torch.equal(w0[n], p) for n, p in model.named_parameters() if id(p) not in nan_factors)
+    else:
+        deltaw.merge(model, stack)
+        torch.testing.assert_close(model(x).detach(), live, rtol=1e-5, atol=1e-5)
+    assert calls == []
