@@ -16,6 +16,17 @@ from torch import nn
 import deltaw
 
 
+class Single(nn.Module):
+    """One layer under the name ``layer``: the smallest model a layer-level test can attach to."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -9,22 +9,15 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltaw
+from toy_models import Single
 
-
-class _One(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("shape", [(1, 1, 24), (1, 24), (24,), (3, 5, 24), (1, 2, 24)])
 def test_fast_paths_equal_the_autograd_path(kind: str, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
-    model = _One(nn.Linear(24, 40) if kind == "linear" else Conv1D(40, 24))
+    model = Single(nn.Linear(24, 40) if kind == "linear" else Conv1D(40, 24))
     deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=12, target_modules=["layer"]), "a")
     deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["layer"]), "b")
     with torch.no_grad():

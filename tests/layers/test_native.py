@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import deltaw
+from toy_models import Single
 from deltaw.errors import NonFiniteError
 from deltaw.layers import native
 
@@ -346,7 +347,7 @@ def test_a_stack_with_a_nan_member_is_refused_and_changes_nothing() -> None:
 
 def test_a_stack_over_the_kernel_rank_takes_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    model = _One(nn.Linear(300, 300))
+    model = Single(nn.Linear(300, 300))
     for name, r in (("big", 200), ("more", 60)):  # Σr = 260 > native.MAX_RANK
         deltaw.attach(model, deltaw.LoraConfig(r=r, alpha=r, target_modules=["layer"]), name)
         with torch.no_grad():
@@ -361,14 +362,6 @@ def test_a_stack_over_the_kernel_rank_takes_the_torch_path(monkeypatch: pytest.M
     assert calls == []  # declined before the kernel
     torch.testing.assert_close(model.layer.base_layer.weight.detach(), expected.detach(), rtol=1e-5, atol=1e-5)
 
-
-class _One(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 @needs_kernel
