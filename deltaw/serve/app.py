@@ -567,7 +567,8 @@ def create_app(server: DeltawServer) -> FastAPI:
             raise bad_request("'pin' must be a boolean", param="pin")
         if name == server.base_name:
             raise bad_request(f"{name!r} is the base model, not an adapter", param="name")
-        server.store.locate(name)
+        if name not in server.store.resident_names():  # a resident adapter is pinned / unpinned, folder or not
+            server.store.locate(name)
         resident = await asyncio.wrap_future(server.scheduler.call(lambda: server.store.load(name, pin)))
         return JSONResponse({"id": name, "object": "adapter", "status": "loaded", "bytes": resident.nbytes,
                              "pinned": resident.pinned})

@@ -455,5 +455,12 @@ def test_a_loaded_adapter_whose_folder_was_deleted_is_still_a_model(private_root
         assert complete(url, "a0").status_code == 200  # it is being served
         assert_openai_error(httpx.get(f"{url}/v1/models/a1", timeout=10), 404, "model_not_found")
         assert_openai_error(httpx.get(f"{url}/v1/models/bad.name", timeout=10), 400, "invalid_model_name")
+        # pinning and unpinning a resident adapter needs no folder either
+        r = httpx.post(f"{url}/v1/adapters", json={"name": "a0", "pin": True}, timeout=30)
+        assert r.status_code == 200 and r.json()["pinned"] is True, r.text
+        r = httpx.post(f"{url}/v1/adapters", json={"name": "a0", "pin": False}, timeout=30)
+        assert r.status_code == 200 and r.json()["pinned"] is False, r.text
+        assert_openai_error(httpx.post(f"{url}/v1/adapters", json={"name": "a1"}, timeout=30), 404,
+                            "model_not_found")
     finally:
         thread.stop()
