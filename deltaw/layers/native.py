@@ -30,10 +30,11 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("merge_kernel.c")
 MAX_RANK = 256  # DW_MAX_RANK in the C file: the kernel keeps 4 rows' coefficients on the stack
-# What merges send it: a total rank up to 32. Beyond, the product is compute-bound and this simple register
-# blocking loses to MKL (135M shape, 2 threads, merge + unmerge: one r=16 adapter 81 vs 124 ms, a stack of two
-# r=16 159 vs 207 ms, of four 364 vs 200 ms).
-FUSED_MAX_RANK = 32
+# What merges send it: a total rank up to 64, where the fused pass still beats torch's pass per adapter (135M
+# shape, 2 threads, merge + unmerge, same-process A/B against the torch path: r=16 120 vs 149 ms, r=32 137 vs
+# 150, r=64 213 vs 228, a stack of two r=16 161 vs 193, of four 229 vs 250). Higher ranks are compute-bound
+# and MKL's GEMM blocking wins.
+FUSED_MAX_RANK = 64
 _MIN_THREADED = 1 << 16  # elements below which extra threads cost more than they save
 
 _lock = threading.Lock()

@@ -368,7 +368,7 @@ def test_a_stack_over_the_kernel_rank_takes_the_torch_path(monkeypatch: pytest.M
 @pytest.mark.parametrize("nan_in", [None, "s0", "s2"])
 def test_a_stack_past_the_fused_rank_takes_the_torch_path_whole(nan_in: str | None,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    model = _stack_model((16, 16, 8))  # Σr = 40 > FUSED_MAX_RANK
+    model = _stack_model((32, 24, 16))  # Σr = 72 > FUSED_MAX_RANK
     stack = {"s0": 1.0, "s1": 0.5, "s2": -2.0}
     if nan_in is not None:
         with torch.no_grad():
