@@ -93,6 +93,12 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
 
 
+def _is_zero_in(alpha: float, dtype: torch.dtype) -> bool:
+    """Whether ``alpha`` (a Python float) becomes 0 as the scalar of a matmul in ``dtype`` (fp32: |alpha| at or
+    below 2**-150 rounds to zero, ties to even)."""
+    return abs(alpha) <= 2.0 ** -150 if dtype == torch.float32 else alpha == 0.0
+
+
 class LoraLayer(nn.Module, metaclass=ABCMeta):
     """Base class; each registered layer type implements the abstract hooks below."""
 
@@ -302,8 +308,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 if a.dtype != work:  # (no-op .to calls cost ~3 µs each, 400 per merge)
                     a, b = a.to(work), b.to(work)
                 alpha = weight * self.scaling[name]
-                if alpha == 0.0 and not (_all_finite(a) and _all_finite(b)):
-                    # BLAS skips the product when alpha is 0: a NaN adapter would pass on the torch path only.
+                if _is_zero_in(alpha, work) and not (_all_finite(a) and _all_finite(b)):
+                    # BLAS skips the product when alpha is 0 (also an fp64 weight that is 0 in fp32): a NaN
+                    # adapter would pass on the torch path only.
                     raise NonFiniteError(f"refusing to merge: adapter {name!r} holds NaN/inf (weight 0)")
                 terms.append((a, b, alpha))
             # One fused pass W0 -> result where the layer has a kernel for the whole stack; else one addmm per

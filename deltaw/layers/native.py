@@ -47,7 +47,7 @@ def _build(cc: str, target: Path) -> bool:
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, "-O3", "-shared", "-fPIC", "-pthread", "-o", tmp, str(SOURCE)],
+        done = subprocess.run([cc, "-O3", "-shared", "-fPIC", "-pthread", "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             log.info("the merge kernel did not compile (%s): merges use the torch path", done.stderr.strip()[-300:])

@@ -258,8 +258,9 @@ def test_a_nan_adapter_merged_at_weight_zero_is_refused_on_both_paths(native_on:
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         deltaw.adapter_parameters(model, "a")[1][0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match="NaN/inf"):
-        deltaw.merge(model, {"a": 0.0})
+    for weight in (0.0, 1e-46, -1e-300):  # (the last two are nonzero in Python but 0 as fp32 scalars)
+        with pytest.raises(NonFiniteError, match="NaN/inf"):
+            deltaw.merge(model, {"a": weight})
     factors = {id(p) for p in deltaw.adapter_parameters(model, "a")}
     assert all(torch.equal(w0[n], p) for n, p in model.named_parameters() if id(p) not in factors)
 
