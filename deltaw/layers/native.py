@@ -6,9 +6,10 @@ once (135M model, 210 weights, 2 threads: ~65 ms against ~95 ms for addmm + sum;
 
 The C file is compiled on the first merge that can use it, with the system C compiler (~1 s, mostly parsing
 ``immintrin.h``), into ``<deltaw cache>/native/`` under a name that hashes the source and the compiler binary
-(path, size, mtime), so later processes just load it (ctypes; calls release the GIL). An unwritable cache compiles into a
-temporary folder instead. No compiler, no AVX2/FMA, a non-x86 CPU, or ``DELTAW_NATIVE=0``: merges take the
-torch path, with the same result up to rounding.
+(path, size, mtime), so later processes just load it (ctypes; calls release the GIL); only from a folder and
+file private to this user. An unwritable or shared cache compiles into a private temporary folder instead.
+No compiler, no AVX2/FMA, a non-x86 CPU, or ``DELTAW_NATIVE=0``: merges take the torch path, with the same
+result up to rounding.
 """
 
 from __future__ import annotations
@@ -78,6 +79,15 @@ def _open(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by nobody else (a shared cache could otherwise hand us someone else's
+    shared library). Always true where there are no POSIX owners."""
+    if not hasattr(os, "getuid"):
+        return True
+    st = os.stat(path)
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def _compile() -> ctypes.CDLL | None:
     if os.environ.get("DELTAW_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None
@@ -92,19 +102,26 @@ def _compile() -> ctypes.CDLL | None:
         ident = f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()
         key = hashlib.sha256(SOURCE.read_bytes() + ident).hexdigest()[:16]
         from ..models.embedded import default_cache_dir
-        target = default_cache_dir() / "native" / f"merge_kernel-{key}.so"
+        folder = default_cache_dir() / "native"
+        target = folder / f"merge_kernel-{key}.so"
         lib = None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not _private(folder):  # code others can swap must not be loaded
+                raise PermissionError(f"{folder} is not private to this user")
             if target.is_file():
-                try:
-                    lib = _open(target)
-                except (OSError, AttributeError) as err:  # damaged: build it again
-                    log.info("rebuilding the cached merge kernel %s (%s)", target, err)
-                    target.unlink(missing_ok=True)
+                if not _private(target):
+                    log.info("not loading %s (not private to this user): rebuilding it", target)
+                    target.unlink()
+                else:
+                    try:
+                        lib = _open(target)
+                    except (OSError, AttributeError) as err:  # damaged: build it again
+                        log.info("rebuilding the cached merge kernel %s (%s)", target, err)
+                        target.unlink(missing_ok=True)
             if lib is None and _build(cc, target):
                 lib = _open(target)
-        except OSError:  # read-only cache: build for this process only
+        except OSError:  # read-only or shared cache: build for this process only
             scratch = tempfile.mkdtemp(prefix="deltaw-native-")
             target = Path(scratch) / target.name
             lib = _open(target) if _build(cc, target) else None

@@ -391,3 +391,26 @@ def test_a_stack_past_the_fused_rank_takes_the_torch_path_whole(nan_in: str | No
         deltaw.merge(model, stack)
         torch.testing.assert_close(model(x).detach(), live, rtol=1e-5, atol=1e-5)
     assert calls == []
+
+
+@pytest.mark.parametrize("shared", ["folder", "file"])
+def test_a_kernel_others_can_write_is_never_loaded(shared: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache folder or cached library writable by other users could hand us their code: the kernel is then
+    built into a private temporary folder (folder case) or rebuilt in place (file case), never loaded as found."""
+    if native.kernel() is None:
+        pytest.skip("no C compiler / AVX2+FMA here")
+    monkeypatch.setenv("DELTAW_CACHE", str(tmp_path))
+    folder = tmp_path / "native"
+    folder.mkdir()
+    if shared == "folder":
+        folder.chmod(0o777)
+    assert native._compile() is not None
+    if shared == "folder":
+        assert not list(folder.iterdir())  # nothing written where others can write
+        return
+    (built,) = folder.glob("merge_kernel-*.so")
+    built.unlink()
+    built.write_bytes(b"planted")  # a fresh inode: what a stranger could leave there
+    built.chmod(0o666)
+    assert native._compile() is not None
+    assert built.stat().st_mode & 0o022 == 0 and built.read_bytes() != b"planted"
