@@ -320,7 +320,7 @@ def decode_result(env: Env, measure: str, batch: int, rows: list[str] | None, no
         first_ms = None
         fns = {"base": base, "deltaw": dw_step, "peft": peft_step}
         with torch.inference_mode():
-            times = time_interleaved(fns, repeats(env.quick, 30, 8), warmup=2)
+            times = time_interleaved(fns, repeats(env.quick, 30, 6), warmup=2)
         packed = 0
     else:
         with per_row(c.dw, rows, strategy=env.strategy):
@@ -330,7 +330,7 @@ def decode_result(env: Env, measure: str, batch: int, rows: list[str] | None, no
                 dw_step()  # first step in a context packs the factors (once per generate)
                 first_ms = (time.perf_counter() - t0) * 1e3
             fns = {"base": base, "deltaw": dw_step, "peft": peft_step}
-            times = time_interleaved(fns, repeats(env.quick, 30, 8), warmup=2)
+            times = time_interleaved(fns, repeats(env.quick, 30, 6), warmup=2)
         packed = cache_nbytes()
         clear_cache()
     extra = {"first_step_ms": first_ms, "packed_mb": packed / 2**20}

@@ -17,7 +17,7 @@ def run(env):
     c.peft.merge_adapter([c.names[0]])
     try:
         fns = {"base": DecodeStep(c.base, 16), "deltaw": DecodeStep(c.dw, 16), "peft": DecodeStep(c.peft, 16)}
-        times = time_interleaved(fns, repeats(env.quick, 30, 8), warmup=2)
+        times = time_interleaved(fns, repeats(env.quick, 30, 6), warmup=2)
     finally:
         deltaw.unmerge(c.dw)
         c.peft.unmerge_adapter()

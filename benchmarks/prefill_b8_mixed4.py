@@ -28,7 +28,7 @@ def run(env):
 
     clear_cache()
     with per_row(c.dw, rows, strategy=env.strategy):
-        times = time_interleaved({"base": base, "deltaw": dw, "peft": peft}, repeats(env.quick, 15, 5), warmup=1)
+        times = time_interleaved({"base": base, "deltaw": dw, "peft": peft}, repeats(env.quick, 15, 3), warmup=1)
     clear_cache()
     return Result(MEASURE, times["deltaw"], times["peft"], times["base"], adapter_bytes_deltaw(c.dw, c.names[0]) / 2**20)
 
