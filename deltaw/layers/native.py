@@ -205,7 +205,3 @@ def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
         pass
     return rc == 0
 
-
-def merge_into(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> bool | None:
-    """``merge_terms_into`` for one term: out = w0 + alpha · m1 @ m2."""
-    return merge_terms_into(out, w0, ((m1, m2, alpha),))

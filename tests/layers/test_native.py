@@ -25,13 +25,26 @@ def _case(rows: int, cols: int, r: int, seed: int = 0) -> tuple[torch.Tensor, to
             torch.randn(r, cols, generator=g) * 0.1)
 
 
+
+def _merge1(out: torch.Tensor, w0: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, alpha: float) -> bool | None:
+    """One term: out = w0 + alpha · m1 @ m2 through the kernel."""
+    return native.merge_terms_into(out, w0, ((m1, m2, alpha),))
+
+
+def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Merges take the torch path for the rest of the test (as with DELTAW_NATIVE=0 in a new process)."""
+    monkeypatch.setenv("DELTAW_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+
+
 @needs_kernel
 @pytest.mark.parametrize("rows,cols,r", [(64, 96, 16), (37, 53, 3), (5, 16, 1), (3, 7, 8), (130, 1040, 256),
                                          (576, 576, 16)])
 def test_matches_torch_addmm(rows: int, cols: int, r: int) -> None:
     w0, m1, m2 = _case(rows, cols, r)
     out = torch.empty_like(w0)
-    assert native.merge_into(out, w0, m1, m2, 1.5) is True
+    assert _merge1(out, w0, m1, m2, 1.5) is True
     torch.testing.assert_close(out, torch.addmm(w0, m1, m2, alpha=1.5), rtol=1e-6, atol=1e-6)
 
 
@@ -46,7 +59,7 @@ def test_strided_left_factor_and_thread_count_give_identical_bits() -> None:
         for threads, left in ((1, m1), (2, m1_strided), (3, m1)):
             torch.set_num_threads(threads)
             out = torch.empty_like(w0)
-            assert native.merge_into(out, w0, left, m2, 0.75) is True
+            assert _merge1(out, w0, left, m2, 0.75) is True
             results.append(out)
     finally:
         torch.set_num_threads(before)
@@ -73,9 +86,9 @@ def test_several_terms_equal_their_sum_and_split_over_threads_identically() -> N
         torch.set_num_threads(before)
     torch.testing.assert_close(outs[0], expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
-    # one term through merge_into is the same arithmetic as that term alone in merge_terms_into
+    # a term merged alone gives the same bits whichever way it is passed (strided left factor or not)
     single = torch.empty_like(w0)
-    assert native.merge_into(single, w0, terms[1][0], terms[1][1], terms[1][2]) is True
+    assert _merge1(single, w0, terms[1][0].contiguous(), terms[1][1], terms[1][2]) is True
     again = torch.empty_like(w0)
     assert native.merge_terms_into(again, w0, terms[1:2]) is True and torch.equal(single, again)
     big = [(torch.randn(203, 200), torch.randn(200, 150), 1.0), (torch.randn(203, 57), torch.randn(57, 150), 1.0)]
@@ -100,7 +113,7 @@ def test_reports_non_finite_results(where: str) -> None:
     else:  # an entry handled by the scalar column tail (cols 64..69)
         w0[1, 68] = float("nan")
     out = torch.empty_like(w0)
-    assert native.merge_into(out, w0, m1, m2, 1.0) is False
+    assert _merge1(out, w0, m1, m2, 1.0) is False
 
 
 @needs_kernel
@@ -108,32 +121,30 @@ def test_bumps_the_output_version_counter() -> None:
     w0, m1, m2 = _case(8, 32, 2)
     out = torch.empty_like(w0)
     before = out._version
-    assert native.merge_into(out, w0, m1, m2, 1.0) is True
+    assert _merge1(out, w0, m1, m2, 1.0) is True
     assert out._version > before
 
 
 def test_declines_what_it_cannot_do() -> None:
     w0, m1, m2 = _case(16, 32, 4)
     out = torch.empty_like(w0)
-    assert native.merge_into(out, w0.double(), m1.double(), m2.double(), 1.0) is None  # fp64
-    assert native.merge_into(out, w0.t().contiguous().t(), m1, m2, 1.0) is None  # W0 not contiguous
-    assert native.merge_into(out, w0, m1, m2.t().contiguous().t(), 1.0) is None  # M2 not contiguous
+    assert _merge1(out, w0.double(), m1.double(), m2.double(), 1.0) is None  # fp64
+    assert _merge1(out, w0.t().contiguous().t(), m1, m2, 1.0) is None  # W0 not contiguous
+    assert _merge1(out, w0, m1, m2.t().contiguous().t(), 1.0) is None  # M2 not contiguous
     big = _case(16, 32, native.MAX_RANK + 1)
-    assert native.merge_into(out, big[0], big[1], big[2], 1.0) is None  # rank above the kernel's bound
-    assert native.merge_into(w0, w0, m1, m2, 1.0) is None  # output overlaps an input
-    assert native.merge_into(m2.new_empty(16, 32), w0, m1, m2.new_empty(4, 31), 1.0) is None  # shapes
+    assert _merge1(out, big[0], big[1], big[2], 1.0) is None  # rank above the kernel's bound
+    assert _merge1(w0, w0, m1, m2, 1.0) is None  # output overlaps an input
+    assert _merge1(m2.new_empty(16, 32), w0, m1, m2.new_empty(4, 31), 1.0) is None  # shapes
     w_copy = w0.clone()
-    native.merge_into(w0, w0, m1, m2, 1.0)
+    _merge1(w0, w0, m1, m2, 1.0)
     assert torch.equal(w0, w_copy)
 
 
 def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DELTAW_NATIVE", "0")
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
+    _torch_path(monkeypatch)
     assert native.kernel() is None
     w0, m1, m2 = _case(16, 32, 4)
-    assert native.merge_into(torch.empty_like(w0), w0, m1, m2, 1.0) is None
+    assert _merge1(torch.empty_like(w0), w0, m1, m2, 1.0) is None
 
 
 def test_cache_survives_a_new_process_build(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,9 +198,7 @@ def test_merge_through_the_kernel_equals_torch_path_and_unmerges_exactly(monkeyp
     fused = {n: p.detach().clone() for n, p in model.named_parameters()}
     deltaw.unmerge(model)
     assert all(torch.equal(w0[n], p) for n, p in model.named_parameters())
-    monkeypatch.setenv("DELTAW_NATIVE", "0")  # torch path
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
+    _torch_path(monkeypatch)
     deltaw.merge(model, "a")
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), fused[n], rtol=1e-6, atol=1e-6)
@@ -226,7 +235,7 @@ def test_a_damaged_cached_kernel_is_rebuilt(tmp_path) -> None:
         pytest.skip("no C compiler / AVX2+FMA here")
     probe = ("import torch; from deltaw.layers import native; lib = native._compile(); "
              "w0 = torch.randn(8, 16); m1 = torch.randn(8, 2); m2 = torch.randn(2, 16); out = torch.empty_like(w0); "
-             "assert native.merge_into(out, w0, m1, m2, 1.0) is True; "
+             "assert native.merge_terms_into(out, w0, ((m1, m2, 1.0),)) is True; "
              "torch.testing.assert_close(out, torch.addmm(w0, m1, m2), rtol=1e-6, atol=1e-6); print('ok')")
     env = {**os.environ, "DELTAW_CACHE": str(tmp_path)}
     assert subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True).stdout.strip() == "ok"
@@ -251,9 +260,7 @@ def test_a_failing_compiler_leaves_the_torch_path(tmp_path, monkeypatch: pytest.
 def test_a_nan_adapter_merged_at_weight_zero_is_refused_on_both_paths(native_on: bool,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     if not native_on:
-        monkeypatch.setenv("DELTAW_NATIVE", "0")
-        monkeypatch.setattr(native, "_tried", False)
-        monkeypatch.setattr(native, "_lib", None)
+        _torch_path(monkeypatch)
     model = _model_with_adapter()
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
@@ -298,11 +305,6 @@ def _stack_model(ranks: tuple[int, ...]) -> nn.Module:
                 p.normal_(0, 0.2)
     return model
 
-
-def _torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("DELTAW_NATIVE", "0")
-    monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_lib", None)
 
 
 @needs_kernel
