@@ -38,6 +38,7 @@ from .errors import (  # noqa: E402
     DeltawError,
     MergeError,
     NonFiniteError,
+    RowsOpenError,
     TargetError,
 )
 from .io import fingerprint, load, read_adapter, save  # noqa: E402
@@ -48,5 +49,5 @@ __all__ = [
     "fingerprint",
     "adapter_parameters", "set_trainable", "count_parameters", "state",
     "DeltawError", "AdapterNameError", "TargetError", "AdapterFormatError", "NonFiniteError",
-    "BaseModelMismatchError", "MergeError",
+    "BaseModelMismatchError", "MergeError", "RowsOpenError",
 ]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterNameError, MergeError, NonFiniteError, TargetError
+from .errors import AdapterNameError, MergeError, NonFiniteError, RowsOpenError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
 from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
@@ -166,6 +166,14 @@ def _tied_names(model: nn.Module) -> dict[int, list[str]]:
     return {k: v for k, v in by_id.items() if len(v) > 1}
 
 
+def _no_open_rows(st: AdapterState, verb: str) -> None:
+    """Adapter state may not change under an open ``per_row`` batch: its plan (which adapters are merged, the
+    packed factors) was fixed on entry, and rows would silently get the old -- or a doubled -- adapter."""
+    if st.rows is not None:
+        raise RowsOpenError(f"cannot {verb} while a per_row batch is open on this model; close the per_row "
+                          "context first")
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -193,6 +201,7 @@ def _attach_to(model: nn.Module, config: LoraConfig, name: str, targets: list[tu
     """``attach`` onto ``targets`` (path, base module) when the caller already resolved and checked them
     (``io.load`` does, against the file); else onto ``resolve_targets(model, config)``."""
     st = model.__dict__.get(_STATE_ATTR) or AdapterState()
+    _no_open_rows(st, f"add adapter {name!r}")
     if name in st.adapters:
         raise AdapterNameError(f"an adapter named {name!r} already exists; delete it first or pick another name")
     if targets is None:
@@ -208,6 +217,7 @@ def _attach_to(model: nn.Module, config: LoraConfig, name: str, targets: list[tu
         if is_new:
             others = [n for n in tied.get(id(getattr(base, "weight", None)), []) if not n.startswith(path + ".")]
             layer = layer_class_for(base)(base, st, tied_with=others)
+            layer.train(base.training)  # a new nn.Module starts in train mode: dropout on in an eval model
         r = config.rank_for(path)
         if r > layer.max_rank():
             raise TargetError(f"adapter {name!r}: rank {r} for {path!r} exceeds min(in, out) = {layer.max_rank()} "
@@ -241,6 +251,7 @@ def _attach_to(model: nn.Module, config: LoraConfig, name: str, targets: list[tu
             wrapper = st.saved_modules.get(path)
             if wrapper is None:
                 wrapper = ModulesToSave(model.get_submodule(path), st)
+                wrapper.train(wrapper.original_module.training)
                 _set_submodule(model, path, wrapper)
                 st.saved_modules[path] = wrapper
                 wrapped.append((path, wrapper))
@@ -276,6 +287,7 @@ def delete(model: nn.Module, name: str) -> None:
     """Remove an adapter and its parameters. A merged adapter must be unmerged first (nothing is implicit)."""
     st = state(model)
     info = st.require(name)
+    _no_open_rows(st, f"delete adapter {name!r}")
     if any(n == name for n, _ in st.merged):
         raise MergeError(f"adapter {name!r} is merged into the base weights; call deltaw.unmerge(model, {name!r}) first")
     st.set_active(tuple((n, w) for n, w in st.active if n != name))
@@ -441,6 +453,7 @@ def merge(model: nn.Module, spec: AdapterSpec = None, *, replace: bool = False) 
     weight untouched.
     """
     st = state(model)
+    _no_open_rows(st, "merge")
     new = normalize(spec) if spec is not None else st.active
     if not new:
         raise MergeError("nothing to merge: no adapter given and none active")
@@ -461,6 +474,7 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None, *, keep_
     ``keep_memory=False`` or ``release_merge_memory(model)`` gives it back. On CUDA the caching allocator
     already reuses freed memory, so nothing is kept there."""
     st = state(model)
+    _no_open_rows(st, "unmerge")
     drop = set(dict(normalize(names))) if names is not None else {n for n, _ in st.merged}
     not_merged = drop - {n for n, _ in st.merged}
     if not_merged:
@@ -488,6 +502,7 @@ def merge_and_unload(model: nn.Module, spec: AdapterSpec = None) -> nn.Module:
     """Merge (``spec``, else what is merged already, else the active adapters) and return the plain model:
     every wrapper replaced by its base layer, no adapter state left. Saved modules keep the active copy."""
     st = state(model)
+    _no_open_rows(st, "merge_and_unload")
     if spec is not None:
         target = normalize(spec)
         for n, _ in target:

@@ -29,3 +29,7 @@ class BaseModelMismatchError(DeltawError, ValueError):
 
 class MergeError(DeltawError, RuntimeError):
     """A merge/unmerge request is inconsistent with the current merge state."""
+
+
+class RowsOpenError(DeltawError, RuntimeError):
+    """Adapter state was to change (attach, delete, merge, ...) while a ``per_row`` batch is open on the model."""

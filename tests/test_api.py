@@ -1,5 +1,7 @@
 """Shared checks over the toy-model table: init, hand-written reference, merge, switch, stack, disable."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -229,3 +231,49 @@ def test_failed_attach_leaves_no_wrapper_and_restores_requires_grad():
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     deltaw.attach(model, config, "a")  # and the model still takes an adapter
+
+
+def test_new_wrappers_take_the_models_train_or_eval_mode(case, tmp_path):
+    """A new nn.Module starts in train mode: wrappers attached to (or loaded into) an eval-mode model kept
+    their adapter dropout on, so inference was random (every model from from_pretrained is in eval mode)."""
+    config = dataclasses.replace(case.config, dropout=0.5)
+    model, x = case.build().eval(), case.input()
+    deltaw.attach(model, config, "a")
+    randomize(model, "a")
+    deltaw.save(model, tmp_path / "a", "a")
+    fresh = case.build().eval()
+    deltaw.load(fresh, tmp_path / "a", "a")
+    for m in (model, fresh):
+        assert not any(module.training for module in m.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(case.run(m, x), case.run(m, x), rtol=0, atol=0)
+    model.train()
+    assert all(layer.training for layer in deltaw.state(model).layers.values())
+    trained = case.build().train()
+    deltaw.attach(trained, config, "a")
+    assert all(module.training for module in trained.modules())
+
+
+def test_wrappers_expose_the_base_layers_weight_and_bias(case):
+    """Model code reads ``module.weight`` of layers it owns (T5's feed-forward checks ``wo.weight.dtype``):
+    on a wrapper that raised AttributeError."""
+    model = case.build()
+    deltaw.attach(model, case.config, "a")
+    for layer in deltaw.state(model).layers.values():
+        assert layer.weight is layer.base_layer.weight
+        assert layer.bias is getattr(layer.base_layer, "bias", None)
+
+
+def test_t5_feed_forward_runs_with_an_adapter_on_wo():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_decoder_layers=1, num_heads=2)
+    model = T5ForConditionalGeneration(cfg).eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["wo"]), "a")
+    randomize(model, "a")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        out = model(input_ids=ids, decoder_input_ids=ids).logits
+        with deltaw.disabled(model):
+            base = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert not torch.allclose(out, base)

@@ -111,6 +111,20 @@ def _logits(out):
     return out.logits if hasattr(out, "logits") else out.last_hidden_state
 
 
+def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _logits(model(x))
+
+
+def rows_alone(model: nn.Module, x: torch.Tensor, rows: list) -> torch.Tensor:
+    """Each row of ``x`` run alone under ``deltaw.using(model, spec)``: what a mixed batch must equal."""
+    with torch.no_grad():
+        outs = []
+        for i, spec in enumerate(rows):
+            with deltaw.using(model, spec):
+                outs.append(logits_of(model, x[i:i + 1]))
+    return torch.cat(outs)
+
+
 @dataclass
 class Case:
     name: str

@@ -127,6 +127,15 @@ class LayerRows:
         self.names = tuple(names)
         self.empty = self.G == 0
         self.needs_dropout = any(layer.dropout_p[n] > 0.0 for n in self.names)
+        # Every row the same spec: one plain LoRA, whatever the leading dimension (e.g. MoE experts see a
+        # routed subset of the tokens), so no row mapping is needed.
+        self.same_for_all = self.G == 1 and not self.has_none
+        # Kernels work on copies of the factors (packs): a write into a factor while the context is open must
+        # send them back to packing. Inference tensors keep no version counter; they cannot be watched (and
+        # cannot be written outside inference mode).
+        self._watch = [p for n in self.names for p in (layer.lora_A._parameters[n], layer.lora_B._parameters[n])
+                       if not p.is_inference()]
+        self._stamp = [version_of(p) for p in self._watch]
         self._kernels: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self.chosen: dict[tuple[int, ...], str] = {}  # input shape -> strategy used (diagnostics, tests)
 
@@ -135,21 +144,38 @@ class LayerRows:
         if self.empty:
             return y
         n = x.shape[0] if x.dim() > 0 else 0
-        if n % self.B:
-            raise DeltawError(
-                f"per_row was given {self.B} rows but a layer received a batch of {n} (leading dimension of "
-                f"{tuple(x.shape)}); the batch must have exactly one entry per row (or k per row, in order)")
+        if n % self.B and not self.same_for_all:
+            # One entry the model broadcasts to every row (GPT-2's position ids are (1, T)): each row adds its
+            # own delta, so the output gets the rows' dimension and broadcasts where the input did. Only for
+            # sequences (ids (1, T), activations (1, T, in)): a (1, in) row may be one token routed to an expert.
+            if n != 1 or x.dim() < (2 if self.kind == "embedding" else 3) or self.kind == "other":
+                raise DeltawError(
+                    f"per_row was given {self.B} rows but a layer received a batch of {n} (leading dimension of "
+                    f"{tuple(x.shape)}); the batch must have exactly one entry per row (or k per row, in order). "
+                    "Layers that see a routed subset of the tokens (mixture-of-experts) cannot tell rows apart: "
+                    "give every row the same adapter there")
+            x = x.expand(self.B, *x.shape[1:])
+            y = y.expand(self.B, *y.shape[1:]).contiguous()
         if torch.is_grad_enabled() or (self.needs_dropout and self.layer.training):
             return self.reference(x, y)
+        if self._watch and [version_of(p) for p in self._watch] != self._stamp:
+            self._repack()  # factors written in place since they were packed (an optimizer step, copy_)
         kernel = self._kernels.get(x.shape)
         if kernel is None:
             kernel = self._kernels[x.shape] = self._choose(x)
         return kernel(x, y)
 
+    def _repack(self) -> None:
+        """Forget the kernels built on packed copies of the factors and note the versions the next ones see."""
+        self._kernels.clear()
+        self._stamp = [version_of(p) for p in self._watch]
+
     def _choose(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         name = self.strategy if self.strategy != "auto" else self._auto(x)
-        if self.kind == "other":
-            name = "reference"
+        if self.same_for_all and x.shape[0] % self.B:
+            name = "uniform"  # the only kernel that needs no row mapping
+        if self.kind == "other" or (self.kind == "embedding" and self.layer.base_layer.max_norm is not None):
+            name = "reference"  # (max_norm renormalises rows of the table given: of each adapter's own table)
         elif name == "uniform" and not (self.G == 1 and not self.has_none):
             name = "dense"  # a forced "uniform" on a mixed batch: the closest exact kernel
         elif name in ("grouped", "rowwise") and self.kind == "embedding":
@@ -204,6 +230,11 @@ class LayerRows:
     def reference(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Σ over unique adapters of lora_out(x) · (per-row weight · scaling): plain ops, autograd-correct."""
         k = x.shape[0] // self.B
+        if self.same_for_all:  # one spec for every row: plain scalars, any leading dimension
+            (spec,) = self.groups
+            for name, weight in spec:
+                y = y + self.layer.lora_out(name, x, y.dtype) * (weight * self.layer.scaling[name])
+            return y
         for name in self.names:
             scale = self.layer.scaling[name]
             w = torch.tensor([dict(spec).get(name, 0.0) * scale for spec in self.specs], dtype=y.dtype,

@@ -134,7 +134,12 @@ def per_row(model: nn.Module, rows: Sequence[RowSpec], *, strategy: str = "auto"
     ("reference", "dense", "grouped", "rowwise", "uniform"; "auto" picks per layer and batch shape).
 
     Inside, every forward must have the rows as its leading dimension (or k consecutive entries per row, as
-    beam search and ``num_return_sequences`` lay them out). The previous plan (if nested) comes back after.
+    beam search and ``num_return_sequences`` lay them out, or one entry the model broadcasts to every row, as
+    GPT-2's position ids); a layer that sees a routed subset of the tokens (mixture-of-experts) raises unless
+    every row uses the same spec. Adapter state is frozen while the context is open: attach, load, delete,
+    merge and unmerge raise ``RowsOpenError``; factors written in place are re-packed on the next forward
+    (packs kept between contexts key on storage + version counter: after a write through ``.data``, which
+    bumps no counter, call ``clear_cache()``). The previous plan (if nested) comes back after.
     The plan lives on the model's shared state: one ``per_row`` batch per model at a time (serialise threads)."""
     st = api.state(model)
     plan = RowPlan(st, rows, strategy)

@@ -164,6 +164,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's forward with an explicit weight (used for the pristine W0 while merged)."""
 
+    def merge_refusal(self) -> str | None:
+        """Why this layer's adapters cannot be merged exactly (None: they can)."""
+        return None
+
     rank_dim = -1  # where the rank axis lives in project_in's output (channels-last by default)
 
     def base_weight(self) -> torch.Tensor:
@@ -171,6 +175,18 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         ~3 times per module and two ``nn.Module.__getattr__`` calls cost more than the rest of the lookup."""
         weight = self._modules["base_layer"]._parameters.get("weight")
         return weight if weight is not None else self.base_layer.weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (W0, or W while merged), as PEFT's layers expose it: model code reads
+        ``module.weight`` of a layer it owns (T5's feed-forward checks ``wo.weight.dtype``; ``tie_weights`` and
+        ``get_input_embeddings().weight``), and a wrapper must not turn that into an AttributeError."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (None where it has none), for the same reason as ``weight``."""
+        return getattr(self.base_layer, "bias", None)
 
     # ---- adapters ----------------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str,
@@ -290,6 +306,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         w0 = self._pristine if self._pristine is not None else self.base_weight().data
         if w0.device.type == "meta":
             raise MergeError("cannot merge into weights on the meta device: load the base weights first")
+        why = self.merge_refusal()
+        if why is not None:
+            raise MergeError(why)
         if self.tied_with:
             raise MergeError(
                 f"the weight of this layer is tied to {', '.join(self.tied_with)}; merging would change those "

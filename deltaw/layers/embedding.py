@@ -21,6 +21,14 @@ class LoraEmbedding(LoraLayer):
     def max_rank(self) -> int:
         return min(self.base_weight().shape)
 
+    def merge_refusal(self) -> str | None:
+        if self.base_layer.max_norm is None:
+            return None
+        # F.embedding renormalises each looked-up row of the table it is given: of W0 and of Aᵀ apart while
+        # unmerged, of W0 + ΔW once merged -- different functions, so a merge could not keep the outputs.
+        return (f"cannot merge into an nn.Embedding with max_norm={self.base_layer.max_norm}: it renormalises "
+                "the rows it looks up, so the merged table would give different outputs than base + adapter")
+
     def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         e = self.base_layer
         return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)

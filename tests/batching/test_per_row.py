@@ -14,6 +14,8 @@ from torch import nn
 import deltaw
 from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, per_row
 from toy_models import EmbeddingNet, tiny_gpt2, tiny_llama
+from toy_models import logits_of as _out
+from toy_models import rows_alone as _alone
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 FORCED = [s for s in STRATEGIES if s != "uniform"]  # "uniform" only applies to one-spec batches (tested below)
@@ -67,20 +69,6 @@ def built(request):
         _randomize(model, name, seed=10 + i)
     x = torch.randint(1, vocab, (len(ROWS), 6), generator=torch.Generator().manual_seed(3))
     return model, x
-
-
-def _out(model, x):
-    out = model(x)
-    return out if isinstance(out, torch.Tensor) else out.logits
-
-
-def _alone(model, x, rows):
-    with torch.no_grad():
-        outs = []
-        for i, spec in enumerate(rows):
-            with deltaw.using(model, spec):
-                outs.append(_out(model, x[i:i + 1]))
-    return torch.cat(outs)
 
 
 @pytest.mark.parametrize("strategy", FORCED)

@@ -419,3 +419,16 @@ def test_merge_cycles_on_adapters_created_in_inference_mode():
         assert torch.equal(model[0].base_layer.weight, expected)
         deltaw.unmerge(model)
     assert torch.equal(model[0].base_layer.weight, w0)
+
+
+def test_merge_refuses_an_embedding_with_max_norm():
+    """F.embedding renormalises the rows it looks up, so W0 + ΔW renormalised as one table is another
+    function than W0 and Aᵀ renormalised apart: a merge silently changed the outputs (by ~0.2)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8, max_norm=1.0), nn.Linear(8, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    randomize(model, "a")
+    before = model[0].base_layer.weight.clone()
+    with pytest.raises(deltaw.MergeError, match="max_norm"):
+        deltaw.merge(model, "a")
+    assert deltaw.merged(model) == () and torch.equal(model[0].base_layer.weight, before)
