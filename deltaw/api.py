@@ -108,6 +108,17 @@ def _matches(spec: tuple[str, ...] | str, path: str) -> bool:
     return False
 
 
+def _within(spec: tuple[str, ...] | str, path: str) -> bool:
+    """``path`` or one of its ancestors matches ``spec``."""
+    if not spec:
+        return False
+    while path:
+        if _matches(spec, path):
+            return True
+        path = path.rpartition(".")[0]
+    return False
+
+
 def _output_head(model: nn.Module) -> nn.Module | None:
     getter = getattr(model, "get_output_embeddings", None)
     return getter() if callable(getter) else None
@@ -133,7 +144,9 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
         chosen = [(p, m) for p, m in candidates if _matches(config.target_modules, p)]
     if config.exclude_modules:
         chosen = [(p, m) for p, m in chosen if not _matches(config.exclude_modules, p)]
-    chosen = [(p, m) for p, m in chosen if not _matches(config.modules_to_save, p)]
+    # A module trained in full (modules_to_save) gets no LoRA inside it, as in PEFT (its copies would carry
+    # the wrappers, and the saved file keys no one can load).
+    chosen = [(p, m) for p, m in chosen if not _within(config.modules_to_save, p)]
     # Layers whose parent reads their weight itself: a wrapper there would break the parent or be bypassed.
     fused = {id(getattr(m, child)): type(m).__name__ for _, m in named for kind, children in _READS_CHILD_WEIGHTS
              if isinstance(m, kind) for child in children}
@@ -228,6 +241,12 @@ def _attach_to(model: nn.Module, config: LoraConfig, name: str, targets: list[tu
     missing = [key for key in config.modules_to_save if not any(_matches((key,), p) for p in saved_paths)]
     if missing:
         raise TargetError(f"modules_to_save {missing} matched no module of the model")
+    for q in saved_paths:
+        inside = [p for p in [*st.layers, *(p for p, _ in targets)] if p == q or p.startswith(q + ".")]
+        if inside:
+            raise TargetError(f"modules_to_save module {q!r} holds LoRA layer {inside[0]!r}: a module trained in "
+                              "full cannot also carry LoRA factors (its copies would hold the wrappers); leave one "
+                              "of the two out")
 
     # Phase 2: apply; undo everything on failure.
     first_attach = model.__dict__.get(_STATE_ATTR) is None

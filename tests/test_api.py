@@ -277,3 +277,31 @@ def test_t5_feed_forward_runs_with_an_adapter_on_wo():
         with deltaw.disabled(model):
             base = model(input_ids=ids, decoder_input_ids=ids).logits
     assert not torch.allclose(out, base)
+
+
+def test_no_lora_inside_a_module_trained_in_full(tmp_path):
+    """A target inside a modules_to_save module got a wrapper that the saved copies then carried: the file held
+    keys like 'mlp.up_proj.lora_A.a' that neither deltaw nor PEFT could load. PEFT skips such targets."""
+    from toy_models import tiny_llama
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    config = deltaw.LoraConfig(r=2, target_modules=["up_proj"], modules_to_save=["layers.1.mlp"])
+    info = deltaw.attach(model, config, "a")
+    assert info.modules == ("model.layers.0.mlp.up_proj",)
+    randomize(model, "a")
+    with torch.no_grad():
+        for p in deltaw.state(model).saved_modules["model.layers.1.mlp"].modules_to_save["a"].parameters():
+            p.add_(0.1)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    deltaw.save(model, tmp_path / "a", "a")
+    torch.manual_seed(0)
+    fresh = tiny_llama().eval()
+    deltaw.load(fresh, tmp_path / "a", "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=0)
+    # the other way round: a module to save that already holds another adapter's LoRA layer
+    with pytest.raises(deltaw.TargetError, match="holds LoRA layer"):
+        deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"]), "b")
+    assert deltaw.adapters(model) == ["a"]
