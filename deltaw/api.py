@@ -164,7 +164,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
                 raise TargetError(f"module {path!r} ({type(module).__name__}) matches target_modules but deltaw "
                                   "supports only Linear, transformers Conv1D, Embedding and Conv1d/2d/3d")
     if not chosen:
-        kinds = sorted({f"{p.rsplit('.', 1)[-1]} ({type(m).__name__})" for p, m in candidates})
+        kinds = sorted({f"{p.rsplit('.', 1)[-1]} ({type(m).__name__})" for p, m in candidates if id(m) not in fused})
         raise TargetError(
             f"target_modules={config.target_modules!r} matched no supported module. Modules that can be "
             f"targeted (by name suffix): {', '.join(kinds) or 'none'}"

@@ -208,6 +208,10 @@ def test_layers_that_torch_transformer_blocks_read_directly_are_left_alone():
         with pytest.raises(deltaw.TargetError, match=owner):
             deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=target), "b")
     assert deltaw.adapters(model) == ["a"]
+    # when nothing else is left, the error must not offer the refused layers as targets
+    only_blocks = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1)
+    with pytest.raises(deltaw.TargetError, match="targeted \\(by name suffix\\): none"):
+        deltaw.attach(only_blocks, deltaw.LoraConfig(r=2, target_modules="all-linear"), "a")
 
 
 def test_failed_attach_leaves_no_wrapper_and_restores_requires_grad():
