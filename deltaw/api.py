@@ -38,10 +38,18 @@ def adapters(model: nn.Module) -> list[str]:
 
 
 # ---- target resolution ---------------------------------------------------------------------------------
-def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module that stood where deltaw put a wrapper (what a plain-model reader such as PEFT sees)."""
+    while isinstance(module, (LoraLayer, ModulesToSave)):
+        module = module._modules["base_layer"] if isinstance(module, LoraLayer) else module.original_module
+    return module
+
+
+def _walk(model: nn.Module, plain: bool = False) -> list[tuple[str, nn.Module]]:
     """``model.named_modules()`` (same pre-order, shared modules once) without descending into wrappers: what a
     LoraLayer or ModulesToSave holds is never a target, and on an adapted model their insides are most of the
-    tree (loading an adapter walks it once)."""
+    tree (loading an adapter walks it once). ``plain``: walk the tree as it was before deltaw wrapped anything
+    (a wrapper's path reports the wrapper; below it come its original module's children, at their old paths)."""
     wrappers = (LoraLayer, ModulesToSave)
     out: list[tuple[str, nn.Module]] = []
     seen: set[int] = set()
@@ -52,7 +60,9 @@ def _walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         seen.add(id(module))
         out.append((path, module))
-        if isinstance(module, wrappers):  # its insides count as seen (named_modules meets them here first)
+        if plain:
+            module = _unwrap(module)
+        elif isinstance(module, wrappers):  # its insides count as seen (named_modules meets them here first)
             deep = isinstance(module, ModulesToSave) or module._modules["base_layer"]._modules
             seen.update(map(id, module.modules() if deep else module._modules.values()))
             continue
@@ -132,6 +142,13 @@ _READS_CHILD_WEIGHTS: tuple[tuple[type[nn.Module], tuple[str, ...]], ...] = (
 )
 
 
+def fused_children(named: Sequence[tuple[str, nn.Module]]) -> dict[int, str]:
+    """id(layer) -> name of the torch module type whose forward reads that layer's weight itself (fused paths),
+    for every such layer in ``named`` (a ``_walk``)."""
+    return {id(getattr(m, child)): type(m).__name__ for _, m in named for kind, children in _READS_CHILD_WEIGHTS
+            if isinstance(m, kind) for child in children}
+
+
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (path, base module) pairs ``config`` selects, or a TargetError listing what could be targeted."""
     named = _walk(model)  # one walk of the tree serves both passes below
@@ -148,8 +165,7 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
     # the wrappers, and the saved file keys no one can load).
     chosen = [(p, m) for p, m in chosen if not _within(config.modules_to_save, p)]
     # Layers whose parent reads their weight itself: a wrapper there would break the parent or be bypassed.
-    fused = {id(getattr(m, child)): type(m).__name__ for _, m in named for kind, children in _READS_CHILD_WEIGHTS
-             if isinstance(m, kind) for child in children}
+    fused = fused_children(named)
     blocked = [(p, fused[id(m)]) for p, m in chosen if id(m) in fused]
     if blocked and config.target_modules != ALL_LINEAR:
         raise TargetError(f"module {blocked[0][0]!r} belongs to torch's nn.{blocked[0][1]}, whose forward reads "

@@ -3,7 +3,9 @@
     <dir>/adapter_config.json         peft_type "LORA", r, lora_alpha, target_modules, rank/alpha patterns, ...
     <dir>/adapter_model.safetensors   base_model.model.<path>.lora_A.weight (r, in) / .lora_B.weight (out, r)
                                       base_model.model.<path>.lora_embedding_A (r, num) / _B (dim, r)
-                                      base_model.model.<path>.<param>  for modules_to_save
+                                      base_model.model.<path>.<param>  for modules_to_save (PEFT: every module
+                                          whose path ends with a listed name), and unchanged base copies
+                                          (save_embedding_layers): checked to equal the model's, never loaded
 
 deltaw's own metadata (version, base fingerprint) rides in the safetensors header, which PEFT ignores.
 Loading validates everything -- config, keys, shapes, ranks, finiteness, fingerprint -- before the model is
@@ -12,12 +14,12 @@ touched, so a failed load leaves it exactly as it was. Only safetensors is read:
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,10 +29,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .. import api
-from ..config import LoraConfig
+from ..config import ALL_LINEAR, LoraConfig
 from ..errors import AdapterFormatError, AdapterNameError, BaseModelMismatchError, NonFiniteError, TargetError
-from ..layers import LoraEmbedding, layer_class_for
-from ..layers.linear import LoraConv1D
+from ..layers import LoraConv, LoraEmbedding, LoraLayer, ModulesToSave, layer_class_for
+from ..layers.linear import LoraConv1D, LoraLinear
 from ..registry import AdapterInfo, check_name
 from . import fingerprints as fp
 
@@ -44,7 +46,8 @@ _FACTOR_TAILS = {"A.weight": ("A", "dense"), "B.weight": ("B", "dense"),
                  "embedding_A": ("A", "embedding"), "embedding_B": ("B", "embedding")}
 # PEFT options that change the adapter's maths (or the model's structure) in ways deltaw does not implement, with
 # their defaults: any other value is refused, never silently ignored (the outputs would differ from PEFT's).
-# Init-only options (init_lora_weights, loftq/eva/corda/lora_ga configs) and runtime ones need no refusal.
+# Init-only options (eva/corda/lora_ga configs) and runtime ones need no refusal; init_lora_weights does only for
+# the inits that rewrite the base (below).
 UNSUPPORTED: dict[str, object] = {
     "use_dora": False,  # DoRA: a learned magnitude per output column
     "bias": "none", "lora_bias": False,  # trained biases on the base layer or on lora_B
@@ -56,6 +59,19 @@ UNSUPPORTED: dict[str, object] = {
     "use_bdlora": None, "arrow_config": None, "velora_config": None,  # variants with their own forward
     "monteclora_config": None, "kasa_config": None,
 }
+
+
+# init_lora_weights values for which PEFT rewrites the base weights when it creates the adapter -- at training
+# and again at every load (``LoraLayer.update_layer``: W <- W - s*B*A, or LoftQ's quantised residual) -- so the
+# factors fit only that rewritten base, never the unchanged one deltaw loads them onto. PEFT matches "pissa" and
+# "corda" as prefixes ("pissa_niter_<n>"), "olora" case-insensitively, the others exactly.
+_BASE_REWRITING_PREFIXES = ("pissa", "corda")
+_BASE_REWRITING_INITS = ("olora", "loftq", "lora_ga")
+
+
+def _rewrites_base(init: object) -> bool:
+    return isinstance(init, str) and (init.startswith(_BASE_REWRITING_PREFIXES) or init.lower() == "olora"
+                                      or init in _BASE_REWRITING_INITS)
 
 
 def _is_default(value: object, default: object) -> bool:
@@ -138,6 +154,66 @@ def base_fingerprint(model: nn.Module, modules: tuple[str, ...]) -> dict:
     return fp.fingerprint({p: _pristine_weight(st.layers[p]) for p in modules})
 
 
+def _peft_conv_differs(base: nn.Module) -> str | None:
+    """The settings of a conv base layer that PEFT's LoRA ignores, or None: PEFT builds lora_A with the base's
+    kernel, stride and padding only, so it pads with zeros and never dilates; deltaw's lora_A runs the base's
+    own convolution (``LoraConv.project_in``)."""
+    why = []
+    if getattr(base, "padding_mode", "zeros") != "zeros":
+        why.append(f"padding_mode={base.padding_mode!r}")
+    if any(d != 1 for d in getattr(base, "dilation", ())):
+        why.append(f"dilation={tuple(base.dilation)}")
+    return ", ".join(why) or None
+
+
+def _unadapted_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` as it was before deltaw wrapped anything in it, merged weights at their
+    pre-merge values: what PEFT, which reads the plain model, holds for that module."""
+    if isinstance(module, ModulesToSave):
+        return _unadapted_state(module.original_module)
+    if isinstance(module, LoraLayer):
+        out = _unadapted_state(module._modules["base_layer"])
+        if "weight" in out:
+            out["weight"] = _pristine_weight(module)
+        return out
+    if not any(isinstance(m, (LoraLayer, ModulesToSave)) for m in module.modules()):
+        return module.state_dict()
+    out = {k: v for k, v in module._parameters.items() if v is not None}
+    skip = module._non_persistent_buffers_set
+    out.update({k: v for k, v in module._buffers.items() if v is not None and k not in skip})
+    for cname, child in module._modules.items():
+        if child is not None:
+            out.update({f"{cname}.{k}": v for k, v in _unadapted_state(child).items()})
+    return out
+
+
+def _peft_also_saved(model: nn.Module, name: str) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Modules PEFT's modules_to_save rule selects besides the ones this adapter saves, with their weights.
+
+    PEFT saves every module whose path *ends with* a listed name as a plain string (``_set_trainable``:
+    ``key.endswith(target_key)``), so the path "head" also selects "x_head", "classifier" DistilBERT's
+    "pre_classifier"; on load it expects their weights in the file (KeyError otherwise). This adapter leaves
+    them unchanged, so their current (unadapted) weights are what PEFT's copies must hold. Also returns the
+    selected modules PEFT cannot wrap: LoRA targets of this adapter, or modules holding or inside one."""
+    st = api.state(model)
+    saved = tuple(p for p, w in st.saved_modules.items() if name in w.modules_to_save)
+    if not saved:
+        return {}, []
+    targets = st.require(name).modules
+    extra: dict[str, dict[str, torch.Tensor]] = {}
+    clashes: list[str] = []
+    for path, module in api._walk(model, plain=True):
+        if not path or path in saved or not path.endswith(saved):
+            continue
+        if any(path.startswith(q + ".") for q in (*saved, *extra)):  # inside a copied module: its copy holds it
+            continue
+        if any(t == path or t.startswith(path + ".") or path.startswith(t + ".") for t in targets):
+            clashes.append(path)
+            continue
+        extra[path] = _unadapted_state(module)
+    return extra, clashes
+
+
 def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
          base_model_name_or_path: str | None = None) -> Path:
     """Write one adapter (default: the only or first active one) as a PEFT directory. Files are replaced
@@ -149,9 +225,25 @@ def save(model: nn.Module, path: str | os.PathLike, name: str | None = None, *,
             raise AdapterNameError(f"several adapters are resident ({', '.join(st.adapters)}): name the one to save")
     info = st.require(name)
     tensors = adapter_tensors(model, name)
-    meta = {"format": "pt", "deltaw": json.dumps({
-        "version": _version(), "adapter_name": name,
-        "fingerprint": base_fingerprint(model, info.modules), "metadata": info.metadata})}
+    differs = [f"{p} ({why})" for p in info.modules if isinstance(st.layers[p], LoraConv)
+               and (why := _peft_conv_differs(st.layers[p]._modules["base_layer"])) is not None]
+    if differs:
+        log.warning("adapter %r: PEFT computes LoRA on %s differently from deltaw (its lora_A convolution pads with "
+                    "zeros and does not dilate): this file gives other outputs in PEFT", name, ", ".join(differs))
+    extra, clashes = _peft_also_saved(model, name)
+    if clashes:
+        log.warning("adapter %r: PEFT cannot load this file: its modules_to_save rule (a module is saved when its path "
+                    "ends with a listed name) also selects %s, which this adapter adapts with LoRA", name,
+                    ", ".join(clashes))
+    # Copies (not views) of the extra modules' weights: a tied weight would otherwise share memory with another
+    # key, which safetensors refuses.
+    tensors.update({f"{PREFIX}{p}.{k}": v.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+                    for p, sd in extra.items() for k, v in sd.items()})
+    header = {"version": _version(), "adapter_name": name,
+              "fingerprint": base_fingerprint(model, info.modules), "metadata": info.metadata}
+    if extra:  # written for PEFT only: deltaw reads them back as unchanged copies, not as saved modules
+        header["peft_copies"] = sorted(extra)
+    meta = {"format": "pt", "deltaw": json.dumps(header)}
     config_text = json.dumps(peft_config(model, info, base_model_name_or_path), indent=2) + "\n"
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,6 +377,10 @@ class AdapterFile:
     # targeted module path -> {param: tensor}: base-layer copies PEFT writes next to a targeted embedding
     # (save_embedding_layers); never loaded, only checked to equal the model's own weights.
     base_weights: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # untargeted module path -> {param: tensor}: plain copies of a module's weights -- the embeddings PEFT's
+    # save_embedding_layers=True writes, or (files deltaw wrote, listed in its metadata) modules PEFT's
+    # modules_to_save rule selects besides the saved ones. Never loaded: checked to equal the model's weights.
+    copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -294,9 +390,19 @@ class AdapterFile:
 
 
 def _resolve_dir(path: Path, name: str | None) -> Path:
-    if (path / CONFIG_NAME).is_file():
+    """The folder holding the adapter: ``path`` itself, or ``path/name`` where PEFT writes a non-default adapter
+    (its save_pretrained puts "default" at the root and every other adapter in <dir>/<name>/). When both hold one,
+    either could be meant: refused rather than guessed."""
+    root = (path / CONFIG_NAME).is_file()
+    sub = bool(name) and (path / name / CONFIG_NAME).is_file()
+    if root and sub:
+        raise AdapterFormatError(
+            f"both {str(path)!r} and its subfolder {name!r} hold an adapter (PEFT saves its 'default' adapter at the "
+            f"root and adapter {name!r} in the subfolder): pass the exact folder ({str(path)!r} or "
+            f"{str(path / name)!r}) to say which one to load")
+    if root:
         return path
-    if name and (path / name / CONFIG_NAME).is_file():  # PEFT writes non-default adapters into <dir>/<name>/
+    if sub:
         return path / name
     if not path.exists():
         raise AdapterFormatError(f"adapter directory {str(path)!r} does not exist")
@@ -315,9 +421,19 @@ def _read_config(directory: Path) -> dict:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterFormatError(f"{directory}: peft_type {cfg.get('peft_type')!r} is not LORA")
     for key, default in UNSUPPORTED.items():
+        if key == "bias" and cfg.get(key) == "all":
+            continue  # trains every bias of the model: refused in read_adapter only if the file holds one
         if not _is_default(cfg.get(key), default):
             raise AdapterFormatError(f"{directory}: {key}={cfg[key]!r} changes the adapter's maths in a way deltaw "
                                      f"does not implement; only {default!r} is supported")
+    if _rewrites_base(cfg.get("init_lora_weights")):
+        raise AdapterFormatError(
+            f"{directory}: init_lora_weights={cfg['init_lora_weights']!r} makes PEFT rewrite the base weights when it "
+            "creates the adapter (and again when it loads it), so these factors fit only that rewritten base, not "
+            "the unchanged model deltaw loads them onto. Convert the adapter to a plain LoRA first: in PEFT, save it "
+            "with save_pretrained(..., path_initial_model_for_weight_conversion=<the adapter as initialised, before "
+            "training>)")
+    _check_layer_selection(cfg, directory / CONFIG_NAME)
     for key in ("r", "lora_alpha"):
         if key not in cfg:
             raise AdapterFormatError(f"{directory / CONFIG_NAME}: missing required key {key!r}")
@@ -328,6 +444,26 @@ def _read_config(directory: Path) -> dict:
             raise AdapterFormatError(f"{directory / CONFIG_NAME}: {key} must be an object mapping module names "
                                      f"to values, got {cfg[key]!r:.80}")
     return cfg
+
+
+def _check_layer_selection(cfg: dict, where: Path) -> None:
+    """layers_to_transform is null, an int or a list of ints; layers_pattern null, a regex or a list of them
+    (PEFT puts it unescaped into a regex): anything else would fail deep inside target matching."""
+    layers = cfg.get("layers_to_transform")
+    is_int = isinstance(layers, int) and not isinstance(layers, bool)
+    if not (layers is None or is_int or isinstance(layers, list) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise AdapterFormatError(f"{where}: layers_to_transform must be a layer index or a list of them, got "
+                                 f"{layers!r:.80}")
+    pattern = cfg.get("layers_pattern")
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    if not (patterns is None or isinstance(patterns, list) and all(isinstance(p, str) for p in patterns)):
+        raise AdapterFormatError(f"{where}: layers_pattern must be a name or a list of names, got {pattern!r:.80}")
+    for p in patterns or ():
+        try:
+            re.compile(p)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise AdapterFormatError(f"{where}: layers_pattern {p!r:.80} is not a valid regex ({exc})") from None
 
 
 def _check_names(cfg: dict, key: str, where: Path, regex_ok: bool) -> None:
@@ -395,21 +531,37 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
         others.append((key, tensor))
     saved: dict[str, dict[str, torch.Tensor]] = {}
     base_weights: dict[str, dict[str, torch.Tensor]] = {}
+    copies: dict[str, dict[str, torch.Tensor]] = {}
     unexpected: list[str] = []
-    keep = tuple(cfg.get("modules_to_save") or ())
+    biases: list[str] = []  # keys of bias tensors that are not part of a saved module
+    keep = tuple(n for n in cfg.get("modules_to_save") or () if n)
+    written = frozenset(deltaw_meta.get("peft_copies") or ())
     for key, tensor in others:
         sub = key[len(PREFIX):] if key.startswith(PREFIX) else None
         module, sep, pname = sub.rpartition(".base_layer.") if sub is not None else ("", "", "")
         if sep and module in factors and "." not in pname:
             base_weights.setdefault(module, {})[pname] = tensor
-            continue
-        owner = _saved_owner(sub, keep) if sub is not None and keep else None
-        if owner is not None:
+        elif written and sub is not None and (owner := _prefix_in(sub, written)) is not None:
+            copies.setdefault(owner, {})[sub[len(owner) + 1:]] = tensor  # before the saved rule: it selects them
+        elif keep and sub is not None and (owner := _saved_owner(sub, keep)) is not None:
             saved.setdefault(owner, {})[sub[len(owner) + 1:]] = tensor
-            continue
-        unexpected.append(key)
+            continue  # a saved module's bias is part of the module, loaded with it
+        elif sub is not None and sub.find(".") > 0 and ".lora_" not in sub and ".base_layer." not in sub:
+            # A plain <module>.<param>: PEFT's save_embedding_layers copy of an embedding. Whether the module is
+            # one of the model's embeddings is checked against the model (unexpected keys if not).
+            module, _, pname = sub.rpartition(".")
+            copies.setdefault(module, {})[pname] = tensor
+        else:
+            unexpected.append(key)
+        if key.endswith(".bias"):
+            biases.append(key)
+    if cfg.get("bias") == "all" and biases:
+        raise AdapterFormatError(
+            f"{directory}: bias='all' trains every bias of the model and the file holds {len(biases)} trained bias "
+            f"tensor(s), e.g. {biases[:3]}; deltaw does not load trained biases: only bias='none' is supported")
     if unexpected:
-        raise AdapterFormatError(f"{weights}: unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise AdapterFormatError(f"{weights}: unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                                 f"{_tying_hint(cfg)}")
     incomplete = [m for m, e in factors.items() if "A" not in e or "B" not in e]
     if incomplete:
         raise AdapterFormatError(f"{weights}: missing lora_A or lora_B for modules {incomplete[:5]}")
@@ -436,27 +588,54 @@ def read_adapter(path: str | os.PathLike, name: str | None = None) -> AdapterFil
                 f"{weights}: module {module!r} has lora_A of shape {tuple(a.shape)} and lora_B of shape "
                 f"{tuple(b.shape)}: LoRA factors are (r, in) and (out, r) matrices (conv: (r, in, *kernel) and "
                 "(out, r, 1, ...))")
+        if entry["kind"] != "embedding" and a.ndim > 2 and a.shape[0] == want_r and 0 < b.shape[1] < want_r \
+                and want_r % b.shape[1] == 0:
+            # PEFT's lora_B on a grouped conv is grouped too: (out, r / groups, 1, ...).
+            raise TargetError(
+                f"{weights}: module {module!r} is a grouped convolution (groups={want_r // b.shape[1]}: lora_B "
+                f"{tuple(b.shape)} has r/groups input channels for r={want_r}); deltaw does not support LoRA on "
+                "grouped convolutions (groups > 1)")
         if a.shape[0] != want_r or b.shape[1] != want_r:
             raise AdapterFormatError(
                 f"{weights}: module {module!r} has rank {a.shape[0]} (lora_A {tuple(a.shape)}, lora_B "
                 f"{tuple(b.shape)}) but the config says r={want_r}")
-    return AdapterFile(directory, cfg, config, factors, saved, deltaw_meta, base_weights)
+    return AdapterFile(directory, cfg, config, factors, saved, deltaw_meta, base_weights, copies)
 
 
 def _saved_owner(key: str, names: tuple[str, ...]) -> str | None:
-    """The module a modules_to_save key belongs to: its shortest dotted prefix that one of ``names`` matches
-    the way PEFT and ``attach`` match them (the full path, or a dotted suffix of it: ``embed_tokens`` owns
-    ``model.embed_tokens.weight``, ``0`` owns ``block.0.bias``). None when no name owns the key."""
+    """The module a modules_to_save key belongs to: its shortest dotted prefix that ends with one of ``names``
+    as a plain string -- PEFT's rule (``_set_trainable``: ``key.endswith(target_key)``), so ``embed_tokens`` owns
+    ``model.embed_tokens.weight``, ``0`` owns ``block.0.bias`` and ``classifier`` owns DistilBERT's
+    ``pre_classifier.weight`` (PEFT saves that module too). None when no name owns the key."""
     dot = key.find(".")
     while dot > 0:
-        if api._matches(names, key[:dot]):
+        if key[:dot].endswith(names):
             return key[:dot]
         dot = key.find(".", dot + 1)
     return None
 
 
+def _prefix_in(key: str, paths: frozenset[str]) -> str | None:
+    """The dotted prefix of ``key`` that is one of ``paths`` (a module path), or None."""
+    dot = key.find(".")
+    while dot > 0:
+        if key[:dot] in paths:
+            return key[:dot]
+        dot = key.find(".", dot + 1)
+    return None
+
+
+def _tying_hint(cfg: dict) -> str:
+    """What to add to an unexpected-keys message when the config ties weights: PEFT then saves (and adapts)
+    modules the config does not name."""
+    if not cfg.get("ensure_weight_tying"):
+        return ""
+    return ("; the config sets ensure_weight_tying=True: PEFT then also saves or adapts the modules tied to the "
+            "embedding, which deltaw supports only for a targeted embedding, not a saved one")
+
+
 #: What the ``deltaw`` header entry holds, by key: a file's metadata comes from anyone, and callers index into it.
-_META_TYPES = {"version": str, "adapter_name": str, "fingerprint": dict, "metadata": dict}
+_META_TYPES = {"version": str, "adapter_name": str, "fingerprint": dict, "metadata": dict, "peft_copies": list}
 
 
 def _read_deltaw_meta(header: dict, weights: Path) -> dict:
@@ -475,6 +654,8 @@ def _read_deltaw_meta(header: dict, weights: Path) -> dict:
     for key, kind in _META_TYPES.items():
         if meta.get(key) is not None and not isinstance(meta[key], kind):
             raise AdapterFormatError(f"{bad}: {key!r} is a {type(meta[key]).__name__}, not a {kind.__name__}")
+    if not all(isinstance(p, str) for p in meta.get("peft_copies") or ()):
+        raise AdapterFormatError(f"{bad}: 'peft_copies' must be a list of module paths")
     why = fp.malformed(meta["fingerprint"]) if meta.get("fingerprint") is not None else None
     if why is not None:
         raise AdapterFormatError(f"{bad}: {why}")
@@ -484,23 +665,45 @@ def _read_deltaw_meta(header: dict, weights: Path) -> dict:
 # ---- load ----------------------------------------------------------------------------------------------
 def _check_against_model(model: nn.Module, adapter: AdapterFile,
                          name: str) -> tuple[list[tuple[str, nn.Module]], LoraConfig]:
-    """Every module the file names exists, has a supported type, and fits the factor shapes; every value
-    survives the cast to the dtype it is loaded in. Returns the (path, base module) targets and the config to
-    attach with (modules_to_save entries that match no module of this model dropped, as PEFT skips them)."""
+    """Every module the file names exists, has a supported type, fits the factor shapes, and is one PEFT itself
+    would adapt with this config (and every module PEFT would adapt has its factors); every value survives the
+    cast to the dtype it is loaded in. Returns the (path, base module) targets and the config to attach with
+    (modules_to_save: exactly the modules whose weights the file holds)."""
     named = api._walk(model)  # one walk, shared with the candidate scan below
     modules = dict(named)
     st = model.__dict__.get(api._STATE_ATTR)
     targets: list[tuple[str, nn.Module]] = []
     layers = st.layers if st is not None else {}
+    fused = api.fused_children(named)
     for path, entry in adapter.factors.items():
         layer = layers.get(path)
         base = layer._modules["base_layer"] if layer is not None else modules.get(path)
         targets.append((path, base))
+        # PEFT adapts an nn.MultiheadAttention whole: factors at its path and inside its base_layer (no module here).
+        attention = _multihead_owner(modules, path) if base is None or isinstance(base, nn.MultiheadAttention) else None
+        if attention is not None:
+            raise TargetError(f"adapter {name!r}: module {attention!r} is a torch nn.MultiheadAttention, which PEFT "
+                              "adapts as a whole; deltaw does not support LoRA on nn.MultiheadAttention (load this "
+                              "adapter with PEFT, or train one on other modules)")
         if base is None:
             raise TargetError(f"adapter {name!r}: module {path!r} does not exist in this model (wrong base model?)")
         cls = type(layer) if layer is not None else layer_class_for(base)
         if cls is None:
             raise TargetError(f"adapter {name!r}: module {path!r} is a {type(base).__name__}, which LoRA cannot adapt")
+        if id(base) in fused:  # attach refuses these too (api.resolve_targets)
+            raise TargetError(f"adapter {name!r}: module {path!r} belongs to torch's nn.{fused[id(base)]}, whose "
+                              "forward reads its weight directly (fused kernels), so it cannot be wrapped: every "
+                              "forward would fail or skip the adapter")
+        if cls is LoraConv:
+            if base.groups != 1:
+                raise TargetError(f"adapter {name!r}: module {path!r} is a {type(base).__name__} with groups="
+                                  f"{base.groups}; deltaw does not support LoRA on grouped convolutions (groups > 1)")
+            why = _peft_conv_differs(base)
+            if why is not None and not adapter.deltaw_meta:  # a file deltaw wrote has deltaw's maths on both ends
+                raise TargetError(
+                    f"adapter {name!r}: module {path!r} is a {type(base).__name__} with {why}: PEFT's lora_A "
+                    "convolution pads with zeros and does not dilate, deltaw's uses the base layer's settings, so "
+                    "this adapter (not written by deltaw) would give other outputs than in PEFT; refusing to load")
         if (entry["kind"] == "embedding") != (cls is LoraEmbedding):
             raise AdapterFormatError(f"adapter {name!r}: module {path!r} is a {type(base).__name__} but the file "
                                      f"stores {'embedding' if entry['kind'] == 'embedding' else 'dense'} factors")
@@ -518,19 +721,14 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile,
                 raise NonFiniteError(f"adapter {name!r}: lora_{which} of module {path!r} holds values beyond the "
                                      f"range of {dtype} (the file stores {entry[which].dtype}): they would load as "
                                      "inf; refusing to load")
-    declared = adapter.peft.get("target_modules")
-    if declared and not adapter.peft.get("layers_to_transform"):
-        # Everything the config targets must have its factors in the file (PEFT matching rules).
-        spec = declared if isinstance(declared, str) else tuple(declared)
-        exclude = adapter.peft.get("exclude_modules") or ()
-        exclude = exclude if isinstance(exclude, str) else tuple(exclude)
-        keep = set(adapter.peft.get("modules_to_save") or ())
-        wanted = {p for p, m in api._candidates(named, where=functools.partial(api._matches, spec))
-                  if not (exclude and api._matches(exclude, p)) and not api._matches(tuple(keep), p)}
-        missing = sorted(wanted - set(adapter.factors))
-        if missing:
-            raise AdapterFormatError(f"adapter {name!r}: the config targets {len(missing)} module(s) with no weights "
-                                     f"in the file (missing keys), e.g. {missing[:3]}")
+    if adapter.peft.get("bias") == "all":
+        with_bias = [p for p, base in targets if getattr(base, "bias", None) is not None]
+        if with_bias:
+            raise AdapterFormatError(
+                f"adapter {name!r}: bias='all' makes PEFT train and save every bias of the model, but the file holds "
+                f"none while the targeted modules {with_bias[:3]} have one: it was saved from a model without them "
+                "(wrong base model?)")
+    _check_coverage(model, adapter, name, named)
     for path, sd in adapter.saved.items():
         module = modules.get(path)
         if module is None:
@@ -548,15 +746,174 @@ def _check_against_model(model: nn.Module, adapter: AdapterFile,
                 raise NonFiniteError(f"adapter {name!r}: saved module {path!r} parameter {k!r} holds values beyond "
                                      f"the range of {current[k].dtype} (the file stores {t.dtype}): they would load "
                                      "as inf; refusing to load")
+    _check_copies(model, adapter, name, modules)
+    order = {path: i for i, (path, _) in enumerate(named)}
     config = adapter.config
-    # PEFT lists modules_to_save names a model may lack (task_type SEQ_CLS adds both 'classifier' and 'score')
-    # and skips those; a name whose weights are in the file was checked above to name a module of this model.
-    paths = [p for p, _ in named if p]
-    present = tuple(k for k in config.modules_to_save if any(p == k or p.endswith("." + k) for p in paths))
+    # The modules PEFT saved are the ones attach must copy: the config's names select them by PEFT's rule (plain
+    # string ending), which is not attach's (dotted suffix), and PEFT lists names a model may lack (task_type
+    # SEQ_CLS adds both 'classifier' and 'score') and skips those.
+    present = tuple(sorted(adapter.saved, key=order.__getitem__))
     if present != config.modules_to_save:
         config = replace(config, modules_to_save=present)
-    order = {path: i for i, (path, _) in enumerate(named)}
     return sorted(targets, key=lambda t: order[t[0]]), config  # model order, as resolve_targets gives
+
+
+def _multihead_owner(modules: dict[str, nn.Module], path: str) -> str | None:
+    """The nn.MultiheadAttention at ``path`` or above it, or None. PEFT adapts that module whole (factors at
+    ``attn`` for the packed in-projection, ``attn.base_layer.out_proj`` for the output one)."""
+    dot = path.find(".")
+    while True:
+        prefix = path if dot < 0 else path[:dot]
+        if isinstance(modules.get(prefix), nn.MultiheadAttention):
+            return prefix
+        if dot < 0:
+            return None
+        dot = path.find(".", dot + 1)
+
+
+def _check_coverage(model: nn.Module, adapter: AdapterFile, name: str, named: list[tuple[str, nn.Module]]) -> None:
+    """The file's factors are exactly for the modules PEFT adapts with its config: PEFT skips factors of other
+    modules (so loading them would add an update PEFT never applies) and leaves a targeted module it finds no
+    factors for at its random init."""
+    targeted = _peft_targeted(adapter.peft, model, named)
+    if targeted is None:
+        return
+    stray = sorted(p for p in adapter.factors if not targeted(p))
+    if stray:
+        raise AdapterFormatError(
+            f"adapter {name!r}: the file holds LoRA factors for {len(stray)} module(s) its adapter_config.json does "
+            f"not target (unexpected keys: PEFT skips them), e.g. {stray[:3]}{_tying_hint(adapter.peft)}")
+    wanted = {p for p, _ in api._candidates(named, where=targeted)}
+    missing = sorted(wanted - set(adapter.factors))
+    if missing:
+        raise AdapterFormatError(f"adapter {name!r}: the config targets {len(missing)} module(s) with no weights "
+                                 f"in the file (missing keys), e.g. {missing[:3]}")
+
+
+def _peft_targeted(cfg: dict, model: nn.Module, named: list[tuple[str, nn.Module]]) -> Callable[[str], bool] | None:
+    """Whether PEFT adapts the module at a path with this config: ``check_target_module_exists``
+    (peft/tuners/tuners_utils.py), in its order. None when target_modules is null (PEFT then picks per
+    architecture).
+
+    - exclude_modules: a regex (``re.fullmatch``) or names (the path, or a "."-suffix of it) left out;
+    - a module inside (or equal to) a modules_to_save module is never adapted: PEFT saves it whole;
+    - target_modules: a regex (``re.fullmatch``), or names: the full path selects it outright, a "."-suffix
+      selects it only within layers_to_transform, the layer index being the first number after a
+      layers_pattern component (any component when there is none).
+    With ensure_weight_tying, modules tied to a targeted input embedding are adapted too (PEFT's
+    target_modules_to_tie: same factors, saved under the tied module's name)."""
+    spec = cfg.get("target_modules")
+    if not spec:
+        return None
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        spec = _peft_all_linear(model, named, cfg.get("task_type"))
+    targets: str | tuple[str, ...] = spec if isinstance(spec, str) else tuple(spec)
+    listed = frozenset(targets) if not isinstance(targets, str) else frozenset()
+    exclude = cfg.get("exclude_modules") or ()
+    exclude = exclude if isinstance(exclude, str) else tuple(exclude)
+    saved = [re.compile(rf"(^|.*\.){_regex_or_literal(m)}($|\..*)") for m in cfg.get("modules_to_save") or ()]
+    layers = cfg.get("layers_to_transform")
+    by_layer = layers is not None and (len(layers) != 0 if isinstance(layers, list) else True)
+    indexes = {layers} if isinstance(layers, int) else set(layers or ())
+    pattern = cfg.get("layers_pattern")
+    index_res = [re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")] if not pattern else [
+        re.compile(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.") for p in ([pattern] if isinstance(pattern, str) else pattern)]
+
+    def by_config(path: str) -> bool:
+        if exclude and api._matches(exclude, path):
+            return False
+        if any(r.match(path) for r in saved):
+            return False
+        if isinstance(targets, str):
+            return re.fullmatch(targets, path) is not None
+        if path in listed:
+            return True
+        if not api._matches(targets, path):
+            return False
+        if not by_layer:
+            return True
+        for r in index_res:
+            found = r.match(path)
+            if found is not None:
+                return int(found["idx"]) in indexes
+        return False
+
+    tied = _tied_to_input_embedding(model, named, by_config) if cfg.get("ensure_weight_tying") else set()
+    return (lambda path: by_config(path) or path in tied) if tied else by_config
+
+
+def _regex_or_literal(name: str) -> str:
+    """PEFT puts modules_to_save names into a regex unescaped; a name that is no valid regex is taken literally
+    (PEFT itself would fail on it)."""
+    try:
+        re.compile(name)
+    except (re.error, RecursionError, OverflowError):
+        return re.escape(name)
+    return name
+
+
+def _peft_all_linear(model: nn.Module, named: list[tuple[str, nn.Module]], task_type: object) -> tuple[str, ...]:
+    """PEFT's expansion of target_modules="all-linear" (``_maybe_include_all_linear_layers``): every Linear and
+    transformers Conv1D, but a transformers model's output layer, or without one its SEQ_CLS head."""
+    paths = [p for p, m in named if p and layer_class_for(api._unwrap(m)) in (LoraLinear, LoraConv1D)]
+    head = api._output_head(model)
+    if head is None and task_type == "SEQ_CLS":
+        head = next((h for h in (getattr(model, n, None) for n in ("score", "classifier")) if h is not None), None)
+    if head is not None:
+        modules = dict(named)
+        paths = [p for p in paths if modules[p] is not head]
+    return tuple(paths)
+
+
+def _tied_to_input_embedding(model: nn.Module, named: list[tuple[str, nn.Module]],
+                             targeted: Callable[[str], bool]) -> set[str]:
+    """Paths of the modules sharing the input embedding's weight, when PEFT adapts that embedding."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except (NotImplementedError, AttributeError):
+        return set()
+    path = next((p for p, m in named if m is embedding), None)
+    if embedding is None or path is None or not targeted(path):
+        return set()
+    weight = getattr(api._unwrap(embedding), "weight", None)
+    return {p for p, m in named
+            if p != path and weight is not None and getattr(api._unwrap(m), "weight", None) is weight}
+
+
+def _check_copies(model: nn.Module, adapter: AdapterFile, name: str, modules: dict[str, nn.Module]) -> None:
+    """Plain weight copies in the file belong to modules that may carry them: the model's input or output
+    embedding (PEFT's save_embedding_layers), or the modules deltaw listed as written for PEFT. Their values
+    are compared in ``_check_base_weights``."""
+    if not adapter.copies:
+        return
+    written = set(adapter.deltaw_meta.get("peft_copies") or ())
+    embeddings: set[int] = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            module = getattr(model, getter)() if callable(getattr(model, getter, None)) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if module is not None:
+            embeddings.add(id(module))
+    saved_weights = {id(w): p for p in adapter.saved
+                     if (w := getattr(api._unwrap(modules[p]), "weight", None)) is not None}
+    stray: list[str] = []
+    for path, params in adapter.copies.items():
+        module = modules.get(path)
+        tied = saved_weights.get(id(getattr(api._unwrap(module), "weight", None))) if module is not None else None
+        if tied is not None and adapter.peft.get("ensure_weight_tying"):
+            raise AdapterFormatError(
+                f"adapter {name!r}: the config sets ensure_weight_tying=True, so PEFT ties {path!r} to the trained "
+                f"copy of the saved module {tied!r} (its modules_to_tie) and saves it; deltaw does not support tied "
+                f"saved modules (it would keep {path!r} on the original weight). Save the adapter without "
+                "ensure_weight_tying, or load it with PEFT")
+        state = _unadapted_state(module) if module is not None and (
+            path in written or id(module) in embeddings) else {}
+        stray += [f"{PREFIX}{path}.{p}" for p in params if p not in state]
+    if stray:
+        raise AdapterFormatError(f"{adapter.directory / WEIGHTS_NAME}: unexpected keys {sorted(stray)[:5]}"
+                                 f"{' ...' if len(stray) > 5 else ''}{_tying_hint(adapter.peft)}")
 
 
 def _overflows(t: torch.Tensor, dtype: torch.dtype) -> bool:
@@ -571,31 +928,58 @@ def _overflows(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return not bool(torch.isfinite(torch.stack([lo, hi]).to(dtype)).all())
 
 
+def _same_values(saved: torch.Tensor, current: object) -> bool:
+    """Whether a weight copy from the file is this model's weight, possibly in another precision. Rounding one
+    base to fp16 and to bf16 can land one unit in the last place (ulp) of the coarser dtype apart (fp32 -> fp16
+    -> bf16 vs fp32 -> bf16 round twice), so between two different dtypes values may differ by that much."""
+    if not isinstance(current, torch.Tensor) or current.shape != saved.shape:
+        return False
+    if current.device.type == "meta":
+        return True  # nothing to compare against (and no values to get wrong)
+    current, here = current.detach(), saved.to(current.device)
+    if here.dtype == current.dtype:
+        return torch.equal(here, current)
+    if torch.equal(here.to(current.dtype), current) or torch.equal(here, current.to(here.dtype)):
+        return True
+    if not (here.is_floating_point() and current.is_floating_point()):
+        return False
+    a, b = here.double(), current.double()
+    magnitude = torch.maximum(a.abs(), b.abs())
+    tolerance = torch.zeros_like(magnitude)
+    for dtype in (here.dtype, current.dtype):
+        info = torch.finfo(dtype)
+        # ulp(x) = eps * 2^floor(log2 |x|), never below the subnormal spacing eps * tiny.
+        _, exponent = torch.frexp(magnitude.clamp_min(info.tiny))
+        tolerance = torch.maximum(tolerance, torch.ldexp(torch.full_like(magnitude, info.eps), exponent - 1))
+    tolerance = torch.where(torch.isfinite(magnitude), tolerance, torch.zeros_like(tolerance))  # inf vs finite
+    return bool(((a == b) | ((a - b).abs() <= tolerance)).all())
+
+
 def _check_base_weights(model: nn.Module, adapter: AdapterFile, name: str, targets: list[tuple[str, nn.Module]],
                         allow_base_mismatch: bool) -> None:
-    """The base-layer copies PEFT saves with a targeted embedding must be this model's own weights: deltaw
-    loads LoRA factors onto the model's base, never a base weight from the file, so an adapter that changed
-    (or resized) its embedding would otherwise load silently onto the unchanged one."""
+    """The base-weight copies in the file must be this model's own weights: the base-layer copies PEFT saves
+    with a targeted embedding, PEFT's save_embedding_layers copies, deltaw's copies written for PEFT. deltaw
+    loads LoRA factors onto the model's base, never a base weight from the file, so an adapter that changed (or
+    resized) its embedding would otherwise load silently onto the unchanged one."""
+    def check(path: str, key: str, saved: torch.Tensor, current: object) -> None:
+        if _same_values(saved, current):
+            return
+        why = (f"adapter {name!r} from {adapter.directory} carries a modified base weight for {path!r} "
+               f"({key}, {tuple(saved.shape)}), which deltaw does not load: it differs from this model's weight")
+        if not allow_base_mismatch:
+            raise BaseModelMismatchError(f"{why}. Load it onto the base model it was trained with, or pass "
+                                         "allow_base_mismatch=True to keep this model's weight")
+        log.warning("%s; keeping this model's weight", why)
+
     bases = dict(targets)
     for path, params in adapter.base_weights.items():
         for pname, saved in params.items():
             current = _current_weights(model, [path])[path] if pname == "weight" else getattr(bases[path], pname, None)
-            if not isinstance(current, torch.Tensor) or current.shape != saved.shape:
-                same = False
-            elif current.device.type == "meta":
-                same = True  # nothing to compare against (and no values to get wrong)
-            else:  # the same base in another precision is the same base
-                current, here = current.detach(), saved.to(current.device)
-                same = torch.equal(here.to(current.dtype), current) or torch.equal(here, current.to(here.dtype))
-            if same:
-                continue
-            why = (f"adapter {name!r} from {adapter.directory} carries a modified base weight for {path!r} "
-                   f"({path}.base_layer.{pname}, {tuple(saved.shape)}), which deltaw does not load: it differs from "
-                   "this model's weight")
-            if not allow_base_mismatch:
-                raise BaseModelMismatchError(f"{why}. Load it onto the base model it was trained with, or pass "
-                                             "allow_base_mismatch=True to keep this model's weight")
-            log.warning("%s; keeping this model's weight", why)
+            check(path, f"{path}.base_layer.{pname}", saved, current)
+    for path, params in adapter.copies.items():
+        state = _unadapted_state(model.get_submodule(path))
+        for pname, saved in params.items():
+            check(path, f"{path}.{pname}", saved, state.get(pname))
 
 
 def _current_weights(model: nn.Module, modules: list[str]) -> dict[str, torch.Tensor]:
