@@ -15,6 +15,8 @@ from pathlib import Path
 
 import typer
 
+from .errors import cli_errors
+
 log = logging.getLogger(__name__)
 
 audit_app = typer.Typer(
@@ -131,8 +133,7 @@ def audit_cmd(
     from dataclasses import replace
 
     from deltaw.audit import AuditConfig, run_audit
-    from deltaw.audit.probe import ProbeError, load_probe
-    from deltaw.errors import DeltawError
+    from deltaw.audit.probe import load_probe
 
     if mode not in ("exact", "sampled"):
         raise typer.BadParameter("--mode must be 'exact' or 'sampled'")
@@ -141,7 +142,7 @@ def audit_cmd(
     if attribute_fn and attribute_regex:
         raise typer.BadParameter("give --attribute-fn or --attribute-regex, not both")
     n = configure_threads(threads)
-    try:
+    with cli_errors():
         _check_out_dir(out)
         probe_obj = load_probe(probe)
         config = AuditConfig.quick() if quick else AuditConfig()
@@ -154,9 +155,6 @@ def audit_cmd(
                                                 **({"steps": steps} if steps is not None else {})))
         report = run_audit(out, config=config, model_path=model, adapter=adapter, stack=stack,
                            train_stack=train_stack, cache_root=cache_dir)
-    except (DeltawError, ProbeError, OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
     from deltaw.audit.report import conclusions
 
     typer.echo(f"{'row':16s} {'TV':>8s} {'skew':>8s} {'ppl':>9s} {'neutralKL':>10s} {'control':>8s}")
@@ -210,18 +208,16 @@ def run_train_debias(out: Path, *, model: str | None = None, probe: str | None =
                      overwrite: bool = False, seed: int = 0, threads: int = 0) -> None:
     """The debias training job behind ``deltaw audit train-debias`` and ``deltaw train --objective balance``."""
     from deltaw.audit import train_debias
-    from deltaw.audit.probe import ProbeError, load_probe
-    from deltaw.errors import DeltawError
+    from deltaw.audit.probe import load_probe
     from deltaw.io import save
 
-    if out.exists() and not out.is_dir():
-        typer.echo(f"error: --out {str(out)!r} exists and is not a directory; choose a directory path", err=True)
-        raise typer.Exit(1)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        typer.echo(f"error: {out} exists and is not empty; pass --overwrite", err=True)
-        raise typer.Exit(1)
-    configure_threads(threads)
-    try:
+    with cli_errors():
+        # Checked before any work: a wrong --out should not cost a model load and minutes of training.
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {str(out)!r} exists and is not a directory; choose a directory path")
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise FileExistsError(f"--out {str(out)!r} exists and is not empty; pass --overwrite to replace it")
+        configure_threads(threads)
         probe_obj = load_probe(probe)
         # Checked before the model loads: a bad --target or --fillers should not cost a model load.
         goal = _resolved_target(probe_obj, target)
@@ -233,10 +229,7 @@ def run_train_debias(out: Path, *, model: str | None = None, probe: str | None =
         lm, tok = load_causal_lm(model)
         result = train_debias(lm, tok, probe_obj, config, name=name, fillers=chosen, target=goal)
         save(lm, out, name, base_model_name_or_path=model or "smollm2")
-    except (DeltawError, ProbeError, OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    (out / "debias.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+        (out / "debias.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     b, a = result.before, result.after
     typer.echo(f"trained {name!r}: {result.steps} steps in {result.seconds:.0f}s; TV to target train "
                f"{b.get('train', float('nan')):.4f} -> {a.get('train', float('nan')):.4f}, held-out "
@@ -247,17 +240,15 @@ def run_train_debias(out: Path, *, model: str | None = None, probe: str | None =
 @audit_app.command("probes")
 def probes_cmd(name: str | None = typer.Argument(None, help="Print this probe (name or JSON path).")) -> None:
     """List the shipped probes, or print one (fillers, templates, attribute words, source)."""
-    from deltaw.audit.probe import ProbeError, load_probe, shipped_probes
+    from deltaw.audit.probe import load_probe, shipped_probes
 
     if name is None:
         for p in shipped_probes():
             typer.echo(p)
         return
-    try:
-        typer.echo(json.dumps(load_probe(name).to_dict(), indent=1))
-    except ProbeError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    with cli_errors():
+        probe = load_probe(name)
+    typer.echo(json.dumps(probe.to_dict(), indent=1))
 
 
 def register(app: typer.Typer) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from .errors import cli_errors
+
 log = logging.getLogger(__name__)
 
 
@@ -40,17 +42,13 @@ def compose_cmd(
 ) -> None:
     """Combine PEFT adapter directories into one, without loading a model."""
     from deltaw.compose import DEFAULT_DENSITY, DEFAULT_DROP_RATE, compose_dirs
-    from deltaw.errors import DeltawError
 
     parsed = [parse_source(s) for s in sources]
-    try:
+    with cli_errors():  # OSError included: e.g. --out names an existing file
         report = compose_dirs(parsed, out, method, rank=rank, name=name, seed=seed,
                               density=DEFAULT_DENSITY if density is None else density,
                               drop_rate=DEFAULT_DROP_RATE if drop_rate is None else drop_rate,
                               allow_base_mismatch=allow_base_mismatch)
-    except (DeltawError, ValueError, OSError) as exc:  # OSError: e.g. --out names an existing file
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=1))
         return
@@ -113,7 +111,6 @@ def stack_report_cmd(
 
     import deltaw
     from deltaw.compose.stack_report import ALL_CURVES, StackSettings, run_stack_report, token_blocks, write_report
-    from deltaw.errors import DeltawError
 
     t0 = time.perf_counter()
     blocks = blocks if blocks is not None else (1 if quick else 4)
@@ -127,7 +124,7 @@ def stack_report_cmd(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     extra: dict[str, object] = {}
-    try:
+    with cli_errors():
         from deltaw.models import load_causal_lm
 
         torch.manual_seed(seed)
@@ -155,12 +152,9 @@ def stack_report_cmd(
         texts = _eval_texts(eval_texts, names)
         eval_blocks = {n: token_blocks(tokenizer, texts[n], block_tokens, blocks) for n in names}
         report = run_stack_report(model, names, eval_blocks, settings)
-    except (DeltawError, ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
-    report.settings["extra"] = extra
-    report.seconds = time.perf_counter() - t0
-    paths = write_report(report, out)
+        report.settings["extra"] = extra
+        report.seconds = time.perf_counter() - t0
+        paths = write_report(report, out)  # OSError here is the user's --out (a file, no permission)
     typer.echo(report.finding)
     typer.echo(f"wrote {', '.join(str(p) for p in paths)} ({report.seconds:.0f} s)")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import typer
 
-from .train import cli_errors, eval_rows, format_table
+from .errors import cli_errors
+from .train import eval_rows, format_table
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from .train import cli_errors
+from .errors import cli_errors
 
 
 def summarize(directory: Path) -> dict:

@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from .errors import cli_errors
+
 log = logging.getLogger(__name__)
 
 _MIX_HELP = (
@@ -72,10 +74,11 @@ def register(app: typer.Typer) -> None:
         layout_png: Annotated[bool, typer.Option("--png/--no-png", help="Draw layout.png.")] = True,
     ) -> None:
         """Plan a scene with attributes in exact proportions; one prompt and one box per entity."""
-        from deltaw.plan import PlanError, get_parser, load_axes, load_joint_table, plan_scene
+        from deltaw.plan import get_parser, load_axes, load_joint_table, plan_scene
         from deltaw.plan.planner import STALE_RENDER
 
-        try:
+        # PlanError is a ValueError; OSError covers an unwritable --out or a full disk: a message, not a traceback.
+        with cli_errors():
             registry = load_axes(axes or None)
             table = load_joint_table(joint_table) if joint_table is not None else None
             plan = plan_scene(
@@ -109,12 +112,6 @@ def register(app: typer.Typer) -> None:
                 image = render_gligen(plan, pipe, beta=beta, steps=steps)
                 image.save(out / STALE_RENDER)
                 typer.echo(f"wrote {out / STALE_RENDER}")
-        except PlanError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
-        except OSError as exc:  # an unwritable --out, a full disk: a message, not a traceback
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=2) from None
 
 
 def _adapter_parser(path: Path):

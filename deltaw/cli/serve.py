@@ -9,6 +9,8 @@ from pathlib import Path
 
 import typer
 
+from .errors import cli_errors
+
 log = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -88,9 +90,12 @@ def serve_cmd(
             max_prompt_tokens=max_prompt_tokens, max_body_bytes=_parse_bytes(max_body_bytes), api_key=key)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    model, tokenizer, resolved_kind, default_name = load_base(base, kind, device, getattr(torch, dtype))
-    settings.base_name = name or default_name
-    server = DeltawServer(model, tokenizer, adapters, settings, kind=resolved_kind)
+    # Loading is where a wrong --base, --kind or --device shows up (a missing folder, an unreadable .gguf, a
+    # model of an unsupported kind); the server loop below stays outside, so a bug while serving keeps its trace.
+    with cli_errors():
+        model, tokenizer, resolved_kind, default_name = load_base(base, kind, device, getattr(torch, dtype))
+        settings.base_name = name or default_name
+        server = DeltawServer(model, tokenizer, adapters, settings, kind=resolved_kind)
     for adapter in pin:
         try:
             server.store.locate(adapter)

@@ -1,37 +1,22 @@
 """``deltaw train``, ``deltaw eval``, ``deltaw generate`` and ``deltaw merge``.
 
 Thin wrappers over :mod:`deltaw.train`: options map one-to-one onto ``TrainConfig`` fields, and every
-expected failure (bad data, unknown targets, an existing output dir, an incompatible checkpoint) is reported
-as one ``error:`` line with exit code 2 instead of a traceback.
+expected failure (bad data, unknown targets, an existing output dir, an incompatible checkpoint, options that
+do not go together) is reported as one ``error:`` line with exit code 2 instead of a traceback
+(:func:`deltaw.cli.errors.cli_errors`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 
+from .errors import cli_errors
+
 log = logging.getLogger(__name__)
-
-# OSError covers FileNotFoundError / FileExistsError and what writing outputs can hit (a file where a folder is
-# expected, no permission, a full disk): the user's environment, not a bug worth a traceback.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ModuleNotFoundError)
-
-
-@contextlib.contextmanager
-def cli_errors() -> Iterator[None]:
-    """Turn expected failures into ``error: ...`` on stderr and exit code 2."""
-    from ..errors import DeltawError
-
-    try:
-        yield
-    except (DeltawError, *EXPECTED_ERRORS) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -99,41 +84,38 @@ def train_cmd(
     """Train a LoRA adapter (causal LM or classification). Works under torchrun for data parallelism.
 
     ``--objective balance`` trains a debiasing adapter instead (the same job as ``deltaw audit train-debias``):
-    options that only make sense for text data (--data, --task, --batch-size, ...) are then not used."""
+    options that only make sense for text data (--data, --task, --batch-size, ...) are then refused."""
     from ..train import TrainConfig, train
 
-    if objective == "balance":
-        from .audit import run_train_debias
-
-        if resume or task != "causal-lm":
-            typer.echo("error: --objective balance trains a causal LM from the start (no --resume, no "
-                       "classification)", err=True)
-            raise typer.Exit(2)
-        given = {"data": data, "val_data": val_data, "dropout": dropout, "schedule": schedule,
-                 "warmup_steps": warmup_steps, "epochs": epochs, "batch_size": batch_size, "grad_accum": grad_accum,
-                 "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing, "weight_decay": weight_decay,
-                 "max_grad_norm": max_grad_norm, "eval_every": eval_every, "eval_max_examples": eval_max_examples,
-                 "early_stopping_patience": early_stopping_patience,
-                 "early_stopping_min_delta": early_stopping_min_delta, "checkpoint_every": checkpoint_every,
-                 "keep_checkpoints": keep_checkpoints, "device": device, "precision": precision,
-                 "max_train_examples": max_train_examples}
-        unused = unused_balance_options(given)
-        if unused:
-            typer.echo(f"error: --objective balance does not use {', '.join(unused)}; drop them (it trains on the "
-                       "probe's prompts with its own batch, device and precision settings)", err=True)
-            raise typer.Exit(2)
-        run_train_debias(output, model=model, probe=probe, target=target, steps=steps, lr=lr, r=r, alpha=alpha,
-                         targets=targets, seed=seed, overwrite=overwrite,
-                         name="debias" if adapter_name == "default" else adapter_name)
-        return
-    if objective != "lm":
-        typer.echo(f"error: unknown --objective {objective!r}; expected 'lm' or 'balance'", err=True)
-        raise typer.Exit(2)
-    if probe is not None or target is not None:
-        typer.echo("error: --probe and --target belong to --objective balance", err=True)
-        raise typer.Exit(2)
-    defaults_overridden = {k: v for k, v in (("targets", targets), ("lr", lr)) if v is not None}  # else TrainConfig's
     with cli_errors():
+        if objective == "balance":
+            from .audit import run_train_debias
+
+            if resume or task != "causal-lm":
+                raise ValueError("--objective balance trains a causal LM from the start (no --resume, no "
+                                 "classification)")
+            given = {"data": data, "val_data": val_data, "dropout": dropout, "schedule": schedule,
+                     "warmup_steps": warmup_steps, "epochs": epochs, "batch_size": batch_size,
+                     "grad_accum": grad_accum, "seq_len": seq_len, "gradient_checkpointing": gradient_checkpointing,
+                     "weight_decay": weight_decay, "max_grad_norm": max_grad_norm, "eval_every": eval_every,
+                     "eval_max_examples": eval_max_examples, "early_stopping_patience": early_stopping_patience,
+                     "early_stopping_min_delta": early_stopping_min_delta, "checkpoint_every": checkpoint_every,
+                     "keep_checkpoints": keep_checkpoints, "device": device, "precision": precision,
+                     "max_train_examples": max_train_examples}
+            unused = unused_balance_options(given)
+            if unused:
+                raise ValueError(f"--objective balance does not use {', '.join(unused)}; drop them (it trains on "
+                                 "the probe's prompts with its own batch, device and precision settings)")
+            run_train_debias(output, model=model, probe=probe, target=target, steps=steps, lr=lr, r=r, alpha=alpha,
+                             targets=targets, seed=seed, overwrite=overwrite,
+                             name="debias" if adapter_name == "default" else adapter_name)
+            return
+        if objective != "lm":
+            raise ValueError(f"unknown --objective {objective!r}; expected 'lm' or 'balance'")
+        if probe is not None or target is not None:
+            raise ValueError("--probe and --target belong to --objective balance")
+        # Only what the user gave; the rest keeps TrainConfig's defaults.
+        defaults_overridden = {k: v for k, v in (("targets", targets), ("lr", lr)) if v is not None}
         config = TrainConfig(
             output_dir=str(output), task=task, model=model, data=data, val_data=val_data, r=r, alpha=alpha,
             dropout=dropout, schedule=schedule, warmup_steps=warmup_steps, steps=steps, **defaults_overridden,
@@ -145,9 +127,9 @@ def train_cmd(
             device=device, precision=precision, adapter_name=adapter_name, max_train_examples=max_train_examples,
             progress=progress)
         result = train(config)
-    import torch.distributed as dist
-
-    if dist.is_initialized() and dist.get_rank() != 0:
+    # result.rank, not torch.distributed: train() destroys the process group it created before returning, so
+    # asking dist afterwards would make every torchrun rank print the summary.
+    if result.rank != 0:
         return
     typer.echo(f"adapter: {result.adapter_dir}")
     typer.echo(f"steps: {result.steps}/{result.total_steps}  final train loss: {result.final_train_loss:.4f}  "
@@ -160,7 +142,7 @@ def train_cmd(
 
 
 def unused_balance_options(given: dict[str, object]) -> list[str]:
-    """The ``--option`` names in ``given`` that differ from ``train``'s defaults: ``--objective balance`` ignores them.
+    """The ``--option`` names in ``given`` that differ from ``train``'s defaults: ``--objective balance`` refuses them.
 
     Why refuse instead of ignoring: a user who passes ``--device cuda`` or ``--data mine.jsonl`` expects it to
     matter, and a run that silently did something else is worse than an error.

@@ -487,7 +487,7 @@ def create_app(server: DeltawServer) -> FastAPI:
     async def embeddings(request: Request) -> Response:
         require_kind("encoder", "/v1/embeddings")
         body = await read_json(request)
-        P.refuse_unsupported(body)
+        P.refuse_unsupported(body, embeddings=True)
         model = P.get_model(body)
         inputs = P.embedding_inputs(body, settings.max_prompts)
         adapter = resolve(model)

@@ -76,10 +76,24 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
     return value
 
 
-def refuse_unsupported(body: dict[str, Any]) -> None:
-    for key, neutral in _NEUTRAL.items():
-        if key in body and body[key] not in neutral:
-            raise bad_request(f"'{key}' is not supported by this server", param=key, code="unsupported_parameter")
+# /v1/embeddings only: OpenAI's output-size reduction, which mean pooling cannot honour.
+_EMBEDDINGS_NEUTRAL = {**_NEUTRAL, "dimensions": (None,)}
+
+
+def refuse_unsupported(body: dict[str, Any], *, embeddings: bool = False) -> None:
+    """A 400 naming *every* unsupported parameter the request sets to a non-neutral value.
+
+    Why all of them at once: a client told only about the first would fix it, resend, and be refused again for
+    the next. ``param`` (one name in OpenAI's error shape) is the first of them; the message lists them all.
+    """
+    neutral = _EMBEDDINGS_NEUTRAL if embeddings else _NEUTRAL
+    refused = [key for key, ok in neutral.items() if key in body and body[key] not in ok]
+    if not refused:
+        return
+    names = ", ".join(f"'{key}'" for key in refused)
+    verb = "is" if len(refused) == 1 else "are"
+    raise bad_request(f"{names} {verb} not supported by this server; drop {'it' if len(refused) == 1 else 'them'}",
+                      param=refused[0], code="unsupported_parameter")
 
 
 # Matching a stop string costs O(len²) per generated token (StopMatcher.safe_end), run on the event loop.
@@ -199,9 +213,6 @@ def embedding_inputs(body: dict[str, Any], max_inputs: int) -> list[str | list[i
     fmt = body.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise bad_request("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    if body.get("dimensions") is not None:
-        raise bad_request("'dimensions' is not supported by this server", param="dimensions",
-                          code="unsupported_parameter")
     return inputs
 
 

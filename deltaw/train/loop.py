@@ -91,6 +91,9 @@ class TrainResult:
     trainable_params: int
     peak_memory_bytes: int
     label_names: list[str] = field(default_factory=list)
+    # This process's torchrun rank (0 without torchrun). Recorded because train() destroys the process group it
+    # created before returning, so afterwards torch.distributed can no longer say which rank should report.
+    rank: int = 0
 
 
 def lr_at(step: int, total: int, warmup: int, base: float, schedule: str) -> float:
@@ -416,7 +419,8 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
         steps=state.step, total_steps=total, final_train_loss=last_loss, validation=validation,
         best_val_loss=state.best_val_loss, best_step=state.best_step, stopped_early=stopped_early,
         resumed_from=resume_from, train_seconds=train_seconds, tokens_seen=state.tokens_seen,
-        trainable_params=n_trainable, peak_memory_bytes=peak_memory_bytes(ctx.device), label_names=label_names)
+        trainable_params=n_trainable, peak_memory_bytes=peak_memory_bytes(ctx.device), label_names=label_names,
+        rank=ctx.rank)
 
 
 def _metrics(result: EvalResult) -> dict:

@@ -248,7 +248,7 @@ def test_cli_train_debias_validates_target_and_fillers_before_loading(tmp_path, 
     args = [a.replace("HELDOUT", held) for a in args]
     res = _audit_cli(["train-debias", "--out", str(tmp_path / "fix"), "--model", str(tmp_path / "no_model"),
                       "--threads", "1", *args])
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 2, res.output  # the CLI contract: one error line, exit 2
     assert "error:" in res.output and message in res.output
     if "--fillers" in args:
         assert "held-out" in res.output and held in res.output
@@ -267,7 +267,7 @@ def test_cli_audit_options_are_checked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(deltaw.audit, "run_audit", fake_run_audit)
     res = _audit_cli(["--out", str(tmp_path / "r"), "--steps", "0", "--threads", "1"])
-    assert res.exit_code == 1 and "stop here" in res.output
+    assert res.exit_code == 2 and "stop here" in res.output
     assert seen["config"].debias.steps == 0  # "--steps 0" used to be dropped as falsy
     for bad in (["--samples", "0"], ["--max-new-tokens", "0"], ["--samples", "-2"], ["--steps", "-1"]):
         res = _audit_cli(["--out", str(tmp_path / "r"), "--mode", "sampled", *bad])
@@ -275,7 +275,7 @@ def test_cli_audit_options_are_checked(tmp_path, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("")
     res = _audit_cli(["--out", str(afile), "--threads", "1"])
-    assert res.exit_code == 1 and "not a directory" in res.output
+    assert res.exit_code == 2 and "not a directory" in res.output
     assert not isinstance(res.exception, OSError)
     res = _audit_cli(["train-debias", "--out", str(afile), "--threads", "1"])
-    assert res.exit_code == 1 and "not a directory" in res.output
+    assert res.exit_code == 2 and "not a directory" in res.output

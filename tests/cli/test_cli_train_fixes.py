@@ -86,3 +86,32 @@ def test_balance_objective_refuses_options_it_ignores(app, tmp_path) -> None:
     for option in ("--data", "--device", "--batch-size"):
         assert option in result.output
     assert not (tmp_path / "b").exists()
+
+
+def _fake_train_result(rank: int, tmp_path: Path):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(adapter_dir=tmp_path / "o", steps=1, total_steps=1, final_train_loss=1.0,
+                           train_seconds=0.1, trainable_params=10, validation=None, stopped_early=False,
+                           log_path=tmp_path / "o" / "train_log.jsonl", plot_path=None, rank=rank)
+
+
+@pytest.mark.parametrize("rank,prints", [(0, True), (1, False)])
+def test_train_summary_is_printed_by_rank_0_only(app, tmp_path, monkeypatch, rank: int, prints: bool) -> None:
+    """Under torchrun, train() destroys its process group before returning, so the command must take the rank
+    from the result: asking torch.distributed afterwards made every rank print the summary."""
+    import deltaw.train
+
+    monkeypatch.setattr(deltaw.train, "train", lambda config: _fake_train_result(rank, tmp_path))
+    result = invoke(app, ["train", "-o", tmp_path / "o", "--data", "x.jsonl", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert ("adapter:" in result.output) is prints, result.output
+
+
+def test_train_help_says_balance_refuses_text_data_options(app) -> None:
+    """The help said these options were "not used" with --objective balance; they are refused (an error)."""
+    text = " ".join(invoke(app, ["train", "--help"]).output.split())
+    assert "refused" in text and "not used" not in text
+    readme = (Path(__file__).resolve().parents[2] / "deltaw" / "audit" / "README.md").read_text()
+    section = " ".join(readme.split("### From `deltaw train`")[1].split("## ")[0].split())
+    assert "are refused" in section and "not used" not in section

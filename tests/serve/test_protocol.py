@@ -107,3 +107,23 @@ def test_options_that_would_be_silently_ignored_are_refused(extra, param):
                "stream_options": {"include_usage": True}}
     p = gen_params({"model": "x", **neutral}, default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=True)
     assert p.include_usage is True
+
+
+def test_every_unsupported_parameter_is_named_in_one_400():
+    """The README promises a 400 *naming them*: with logprobs and echo both set, only logprobs was named, so a
+    client fixed one, resent, and was refused again for the other."""
+    from deltaw.serve.errors import APIError
+    from deltaw.serve.protocol import refuse_unsupported
+
+    body = {"model": "x", "logprobs": 2, "echo": True, "best_of": 3, "temperature": 0, "top_k": -1}
+    with pytest.raises(APIError) as err:
+        gen_params(body, default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=False)
+    e = err.value
+    assert e.status == 400 and e.code == "unsupported_parameter" and e.param == "logprobs"
+    for name in ("'logprobs'", "'echo'", "'best_of'"):
+        assert name in e.message, e.message
+    assert "temperature" not in e.message and "top_k" not in e.message  # supported / neutral values pass
+    with pytest.raises(APIError) as err:  # embeddings: its own 'dimensions' is listed with the shared ones
+        refuse_unsupported({"model": "x", "input": "a", "dimensions": 8, "logprobs": 1}, embeddings=True)
+    assert "'dimensions'" in err.value.message and "'logprobs'" in err.value.message
+    refuse_unsupported({"model": "x", "dimensions": None, "echo": False}, embeddings=True)  # neutral: accepted

@@ -36,6 +36,10 @@ def test_two_process_ddp_equals_single_process(tmp_path, text_file):
            "--seed", "0", "--device", "cpu"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The summary comes from rank 0 only (train() destroys the process group before the command prints it).
+    summary = [line for line in proc.stdout.splitlines() if line.startswith(("adapter:", "steps:", "log:"))]
+    assert [line.split(":")[0] for line in summary] == ["adapter", "steps", "log"], proc.stdout
+    assert single.rank == 0
 
     a = deltaw.read_adapter(single.adapter_dir).factors
     b = deltaw.read_adapter(tmp_path / "ddp").factors
