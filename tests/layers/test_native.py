@@ -416,3 +416,62 @@ def test_a_kernel_others_can_write_is_never_loaded(shared: str, tmp_path, monkey
     built.chmod(0o666)
     assert native._compile() is not None
     assert built.stat().st_mode & 0o022 == 0 and built.read_bytes() != b"planted"
+
+
+# ---- one token's LoRA update (batch-1 decode) ----------------------------------------------------------------
+@needs_kernel
+@pytest.mark.parametrize("r, n_in, n_out", [(16, 576, 576), (16, 576, 192), (1, 3, 5), (7, 33, 17), (64, 100, 1),
+                                            (256, 16, 9)])
+def test_gemv_equals_mv_then_addmv(r: int, n_in: int, n_out: int) -> None:
+    """Vector bodies and scalar tails (in % 16, r % 8) against torch's two GEMVs, up to rounding."""
+    g = torch.Generator().manual_seed(r * 1000 + n_in)
+    a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+    x, y = torch.randn(1, 1, n_in, generator=g), torch.randn(1, 1, n_out, generator=g)
+    expected = y.clone().view(-1).addmv_(b, torch.mv(a, x.view(-1)), alpha=0.7)
+    assert native.lora_gemv_(y, x, a, b, 0.7)
+    torch.testing.assert_close(y.view(-1), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gemv_declines_what_it_cannot_do() -> None:
+    a, b, x = torch.randn(4, 8), torch.randn(6, 4), torch.randn(8)
+    cases = [
+        (torch.zeros(6, dtype=torch.float64), x.double(), a.double(), b.double()),  # not fp32
+        (torch.zeros(6), x, torch.randn(8, 4).t(), b),  # A not contiguous
+        (torch.zeros(6), x, a, torch.randn(4, 6).t()),  # B not contiguous
+        (torch.zeros(6), x, torch.randn(native.MAX_RANK + 1, 8), torch.randn(6, native.MAX_RANK + 1)),  # rank
+    ]
+    for y, xx, aa, bb in cases:
+        before = y.clone()
+        assert not native.lora_gemv_(y, xx, aa, bb, 1.0)
+        assert torch.equal(y, before)
+
+
+def _declined(*args) -> bool:
+    return False
+
+
+@needs_kernel
+def test_batch_one_decode_through_the_kernel_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-token forward of an adapted Linear layer takes the kernel and gives the torch path's output."""
+    torch.manual_seed(0)
+    model = Single(nn.Linear(40, 24))
+    deltaw.attach(model, deltaw.LoraConfig(r=8, alpha=16, target_modules=["layer"]), "a")
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(model, "a"):
+            p.normal_()
+    x = torch.randn(1, 1, 40)
+    calls = []
+    real = native.lora_gemv_
+
+    def counting(*args) -> bool:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(native, "lora_gemv_", counting)
+    with torch.no_grad():
+        got = model(x)
+    assert calls, "the one-token path did not reach the kernel"
+    monkeypatch.setattr(native, "lora_gemv_", _declined)
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
