@@ -172,6 +172,15 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.
                           "its weight directly (fused kernels), so it cannot be wrapped; leave it out "
                           "(exclude_modules) or target other layers")
     chosen = [(p, m) for p, m in chosen if id(m) not in fused]
+    # A module another adapter trains in full (modules_to_save) cannot carry LoRA too (PEFT refuses it as well);
+    # skipping it silently would leave the adapter without a module it names.
+    if config.target_modules != ALL_LINEAR:
+        saved = [(p, m) for p, m in named if isinstance(m, ModulesToSave) and _matches(config.target_modules, p)]
+        if saved:
+            path, wrapper = saved[0]
+            owners = ", ".join(repr(n) for n in wrapper.modules_to_save) or "none left"
+            raise TargetError(f"module {path!r} is wrapped to be trained in full (modules_to_save of adapters: "
+                              f"{owners}), so it cannot also carry LoRA factors; leave it out of target_modules")
     # Any module named by target_modules that exists but has an unsupported type is an error, not a skip.
     if not isinstance(config.target_modules, str):
         for path, module in named:

@@ -305,6 +305,11 @@ def test_no_lora_inside_a_module_trained_in_full(tmp_path):
     deltaw.load(fresh, tmp_path / "a", "a")
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, expected, rtol=0, atol=0)
+    # a target that another adapter saves in full: refused, not skipped (the adapter silently lacked it)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), "s")
+    with pytest.raises(deltaw.TargetError, match="'lm_head' is wrapped to be trained in full.*'s'"):
+        deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]), "t")
+    deltaw.delete(model, "s")
     # the other way round: a module to save that already holds another adapter's LoRA layer
     with pytest.raises(deltaw.TargetError, match="holds LoRA layer"):
         deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"]), "b")

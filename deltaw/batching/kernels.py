@@ -145,10 +145,11 @@ class LayerRows:
             return y
         n = x.shape[0] if x.dim() > 0 else 0
         if n % self.B and not self.same_for_all:
-            # One entry the model broadcasts to every row (GPT-2's position ids are (1, T)): each row adds its
-            # own delta, so the output gets the rows' dimension and broadcasts where the input did. Only for
-            # sequences (ids (1, T), activations (1, T, in)): a (1, in) row may be one token routed to an expert.
-            if n != 1 or x.dim() < (2 if self.kind == "embedding" else 3) or self.kind == "other":
+            # Ids the model looks up once for every row (GPT-2's position ids are (1, T)): each row adds its own
+            # delta, so the output gets the rows' dimension and broadcasts where the lookup's did. Embeddings
+            # only: an activation of batch 1 is the model's own batch (reshaped with it downstream), or one
+            # token routed to an expert.
+            if n != 1 or x.dim() < 2 or self.kind != "embedding":
                 raise DeltawError(
                     f"per_row was given {self.B} rows but a layer received a batch of {n} (leading dimension of "
                     f"{tuple(x.shape)}); the batch must have exactly one entry per row (or k per row, in order). "

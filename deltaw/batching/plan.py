@@ -134,9 +134,10 @@ def per_row(model: nn.Module, rows: Sequence[RowSpec], *, strategy: str = "auto"
     ("reference", "dense", "grouped", "rowwise", "uniform"; "auto" picks per layer and batch shape).
 
     Inside, every forward must have the rows as its leading dimension (or k consecutive entries per row, as
-    beam search and ``num_return_sequences`` lay them out, or one entry the model broadcasts to every row, as
-    GPT-2's position ids); a layer that sees a routed subset of the tokens (mixture-of-experts) raises unless
-    every row uses the same spec. Adapter state is frozen while the context is open: attach, load, delete,
+    beam search and ``num_return_sequences`` lay them out, or ids an embedding looks up once for every row, as
+    GPT-2's position ids); a layer that sees a routed subset of the tokens (mixture-of-experts) cannot tell
+    rows apart: give every row the same spec there (with mixed specs it raises when the routed count does not
+    fit the rows and is silently wrong when it does). Adapter state is frozen while the context is open: attach, load, delete,
     merge and unmerge raise ``RowsOpenError``; factors written in place are re-packed on the next forward
     (packs kept between contexts key on storage + version counter: after a write through ``.data``, which
     bumps no counter, call ``clear_cache()``). The previous plan (if nested) comes back after.

@@ -159,10 +159,11 @@ def _peft_conv_differs(base: nn.Module) -> str | None:
     kernel, stride and padding only, so it pads with zeros and never dilates; deltaw's lora_A runs the base's
     own convolution (``LoraConv.project_in``)."""
     why = []
-    if getattr(base, "padding_mode", "zeros") != "zeros":
-        why.append(f"padding_mode={base.padding_mode!r}")
-    if any(d != 1 for d in getattr(base, "dilation", ())):
-        why.append(f"dilation={tuple(base.dilation)}")
+    padding = base.padding if isinstance(base.padding, tuple) else (base.padding,)
+    if base.padding_mode != "zeros" and (padding == ("same",) or any(p != 0 for p in padding if isinstance(p, int))):
+        why.append(f"padding_mode={base.padding_mode!r}")  # (without padding the mode never comes into play)
+    if any(d != 1 and k != 1 for d, k in zip(base.dilation, base.kernel_size)):
+        why.append(f"dilation={tuple(base.dilation)}")  # (a size-1 kernel dimension is never dilated)
     return ", ".join(why) or None
 
 
@@ -391,15 +392,14 @@ class AdapterFile:
 
 def _resolve_dir(path: Path, name: str | None) -> Path:
     """The folder holding the adapter: ``path`` itself, or ``path/name`` where PEFT writes a non-default adapter
-    (its save_pretrained puts "default" at the root and every other adapter in <dir>/<name>/). When both hold one,
-    either could be meant: refused rather than guessed."""
+    (its save_pretrained puts "default" at the root and every other adapter in <dir>/<name>/). When both hold
+    one, the root wins, as in PEFT's own ``load_adapter(path, adapter_name=name)``, with a warning naming the
+    other (pass ``path/name`` for that one)."""
     root = (path / CONFIG_NAME).is_file()
     sub = bool(name) and (path / name / CONFIG_NAME).is_file()
     if root and sub:
-        raise AdapterFormatError(
-            f"both {str(path)!r} and its subfolder {name!r} hold an adapter (PEFT saves its 'default' adapter at the "
-            f"root and adapter {name!r} in the subfolder): pass the exact folder ({str(path)!r} or "
-            f"{str(path / name)!r}) to say which one to load")
+        log.warning("%s holds an adapter and so does its subfolder %r: loading the one at the root (as PEFT does); "
+                    "pass %s to load the subfolder's", path, name, path / name)
     if root:
         return path
     if sub:

@@ -111,6 +111,15 @@ def test_position_ids_broadcast_over_rows():
         torch.testing.assert_close(got, _alone(m, x, rows), **TOL)
 
 
+def test_a_batch_of_one_activation_is_not_broadcast():
+    """Only looked-up ids are broadcast over rows: an activation of batch 1 is the model's own batch, which it
+    reshapes with that size downstream (the first broadcast rule expanded Llama's q_proj output and died in a
+    torch shape error deep inside the attention)."""
+    m = _llama()
+    with per_row(m, ["a", None]), torch.no_grad(), pytest.raises(deltaw.DeltawError, match="one entry per row"):
+        _out(m, torch.randint(1, 64, (1, 5)))
+
+
 class _Routed(nn.Module):
     """A toy mixture-of-experts step: the expert sees only the tokens routed to it, as a (tokens, in) matrix."""
 
