@@ -177,7 +177,7 @@ class LayerRows:
             name = "uniform"  # the only kernel that needs no row mapping
         if self.kind == "other" or (self.kind == "embedding" and self.layer.base_layer.max_norm is not None):
             name = "reference"  # (max_norm renormalises rows of the table given: of each adapter's own table)
-        elif name == "uniform" and not (self.G == 1 and not self.has_none):
+        elif name == "uniform" and not self.same_for_all:
             name = "dense"  # a forced "uniform" on a mixed batch: the closest exact kernel
         elif name in ("grouped", "rowwise") and self.kind == "embedding":
             name = "dense"  # a lookup reads only the rows' ids: gathering per group buys nothing
@@ -203,7 +203,7 @@ class LayerRows:
         or the per-row copies would exceed two per adapter or ``ROWWISE_MAX_BYTES`` for this layer."""
         if self.kind == "other":
             return "reference"
-        if self.G == 1 and not self.has_none:
+        if self.same_for_all:
             return "uniform"
         if self.kind == "embedding":
             return "dense"
