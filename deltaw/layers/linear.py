@@ -71,11 +71,12 @@ class LoraLinear(LoraLayer):
         a, b = self._a_params[name], self._b_params[name]
         if x.dtype != a.dtype or y.dtype != b.dtype or not y.is_contiguous():
             return super().add_lora_(y, x, name, scale)
-        if y.numel() == b.shape[0] and x.is_contiguous():  # one token (B = 1 decode)
-            if native.lora_gemv_(y, x, a, b, scale):  # one pass over A and B (fp32 CPU)
+        if y.numel() <= native.MAX_TOKENS * b.shape[0] and x.is_contiguous():  # a few tokens (decode)
+            if native.lora_gemv_(y, x, a, b, scale):  # one pass over A and B for all tokens (fp32 CPU)
                 return y
-            y.view(-1).addmv_(b, torch.mv(a, x.view(-1)), alpha=scale)  # (out,) += s·B·(A·x); (r,) in between
-            return y  # (addmm_ with Bᵀ, a transposed view, costs ~4 µs more per module at this size)
+            if y.numel() == b.shape[0]:  # one token
+                y.view(-1).addmv_(b, torch.mv(a, x.view(-1)), alpha=scale)  # (out,) += s·B·(A·x); (r,) between
+                return y  # (addmm_ with Bᵀ, a transposed view, costs ~4 µs more per module at this size)
         h = F.linear(x, a)  # (..., r)
         y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=scale)  # (N, out) += s·h·Bᵀ
         return y

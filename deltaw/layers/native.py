@@ -11,10 +11,11 @@ file private to this user. An unwritable or shared cache compiles into a private
 No compiler, no AVX2/FMA, a non-x86 CPU, or ``DELTAW_NATIVE=0``: merges take the torch path, with the same
 result up to rounding.
 
-The same library holds ``dw_lora_gemv_f32``, one token's LoRA update of a Linear layer (``lora_gemv_``): in
-batch-1 decode the factors were evicted by the base weights streaming past, and ``mv`` + ``addmv_`` fetch them
-at ~2.6 GB/s where one sequential pass streams them (paired same-process A/B, SmolLM2-135M shape, r = 16 on 210
-modules, 2 threads: -2 ms per ~110 ms step).
+The same library holds ``dw_lora_gemv_f32``, the LoRA update of a Linear layer for up to ``MAX_TOKENS`` tokens
+(``lora_gemv_``, the decode step): the factors were evicted by the base weights streaming past, and ``mv`` +
+``addmv_`` (one token) fetch them at ~2.6 GB/s where one sequential pass streams them (paired same-process A/B,
+SmolLM2-135M shape, r = 16 on 210 modules, 2 threads: -2 ms per ~110 ms step); for a small batch, two skinny
+torch GEMMs per module cost ~15-40 us each in overhead where the kernel reads A and B once for all tokens.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ MAX_RANK = 256  # DW_MAX_RANK in the C file: the kernel keeps 4 rows' coefficien
 # and MKL's GEMM blocking wins.
 FUSED_MAX_RANK = 64
 _MIN_THREADED = 1 << 16  # elements below which extra threads cost more than they save
+# Tokens up to which ``lora_gemv_`` beats torch's two GEMMs (to be measured).
+MAX_TOKENS = 16
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -83,7 +86,7 @@ def _open(path: Path) -> ctypes.CDLL:
                    ctypes.c_int, ctypes.c_int]
     gemv = lib.dw_lora_gemv_f32
     gemv.restype = ctypes.c_int
-    gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_float]
+    gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
     return lib
 
 
@@ -216,20 +219,24 @@ def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
 
 
 def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
-    """y += scale · B (A x) for one token, in place, on the calling thread: A (r, in), B (out, r), x (1, .., in),
-    y (1, .., out). The batch-1 decode step of a Linear layer, where ``mv`` + ``addmv_`` on factors the base
-    weights have pushed out of cache cost more than reading them takes. Returns False, touching nothing, unless
-    y is fp32 on the CPU, the factors are contiguous, r <= MAX_RANK and the kernel runs here.
+    """y += scale · (x Aᵀ) Bᵀ in place, on the calling thread, for a few tokens: A (r, in), B (out, r),
+    x (..., in), y (..., out) with the same n = y.numel() / out ≤ MAX_TOKENS leading rows. The decode step of a
+    Linear layer, where two torch GEMMs of these skinny shapes (or ``mv`` + ``addmv_`` for one token) cost more
+    than reading the factors takes. Each token's result is the same whatever n (the kernel's per-row arithmetic
+    does not depend on it). Returns False, touching nothing, unless y is fp32 on the CPU, the factors are
+    contiguous, r <= MAX_RANK, n <= MAX_TOKENS and the kernel runs here.
 
     The caller (``LoraLinear.add_lora_``, the no-autograd inference path) has checked the rest: x and y
-    contiguous, x in A's dtype and y in B's, one token (y has B's rows). y is the layer's fresh output, which
+    contiguous, x in A's dtype and y in B's, matching leading shapes. y is the layer's fresh output, which
     nothing has saved for backward, so the write needs no version-counter bump. This runs ~200 times per
     decoded token: plain attribute checks only."""
     lib = _lib if _tried else kernel()
     if lib is None or y.dtype is not torch.float32 or not y.is_cpu or not (a.is_contiguous() and b.is_contiguous()):
         return False
     r, n_in = a.shape
-    if r > MAX_RANK:
+    n_out = b.shape[0]
+    n = y.numel() // n_out
+    if r > MAX_RANK or n > MAX_TOKENS:
         return False
-    return lib.dw_lora_gemv_f32(y.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), r, n_in, b.shape[0],
+    return lib.dw_lora_gemv_f32(y.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), n, r, n_in, n_out,
                                 scale) == 0

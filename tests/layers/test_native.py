@@ -418,27 +418,50 @@ def test_a_kernel_others_can_write_is_never_loaded(shared: str, tmp_path, monkey
     assert built.stat().st_mode & 0o022 == 0 and built.read_bytes() != b"planted"
 
 
-# ---- one token's LoRA update (batch-1 decode) ----------------------------------------------------------------
+# ---- a few tokens' LoRA update (decode) -----------------------------------------------------------------------
 @needs_kernel
+@pytest.mark.parametrize("n", [1, 3, 16])
 @pytest.mark.parametrize("r, n_in, n_out", [(16, 576, 576), (16, 576, 192), (1, 3, 5), (7, 33, 17), (64, 100, 1),
-                                            (256, 16, 9)])
-def test_gemv_equals_mv_then_addmv(r: int, n_in: int, n_out: int) -> None:
-    """Vector bodies and scalar tails (in % 16, r % 8) against torch's two GEMVs, up to rounding."""
-    g = torch.Generator().manual_seed(r * 1000 + n_in)
+                                            (256, 16, 9), (12, 40, 23)])
+def test_gemv_equals_torch_matmuls(n: int, r: int, n_in: int, n_out: int) -> None:
+    """Vector bodies and scalar tails (in % 16, r % 8, out % 8) against torch's two matmuls, up to rounding."""
+    g = torch.Generator().manual_seed(r * 1000 + n_in + n)
     a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
-    x, y = torch.randn(1, 1, n_in, generator=g), torch.randn(1, 1, n_out, generator=g)
-    expected = y.clone().view(-1).addmv_(b, torch.mv(a, x.view(-1)), alpha=0.7)
+    x, y = torch.randn(n, 1, n_in, generator=g), torch.randn(n, 1, n_out, generator=g)
+    expected = y + 0.7 * (x @ a.T) @ b.T
     assert native.lora_gemv_(y, x, a, b, 0.7)
-    torch.testing.assert_close(y.view(-1), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_gemv_row_results_do_not_depend_on_batch_or_position() -> None:
+    """A token's output is bit-identical alone or among 16, and an output feature's value does not depend on where
+    it sits among the 8-wide blocks (the tail block is zero-padded, not summed another way): a row of a batch
+    gets exactly what it gets alone."""
+    g = torch.Generator().manual_seed(7)
+    r, n_in, n_out = 12, 50, 21
+    a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+    x = torch.randn(16, n_in, generator=g)
+    together = torch.zeros(16, n_out)
+    assert native.lora_gemv_(together, x, a, b, 0.3)
+    for t in (0, 5, 15):
+        alone = torch.zeros(1, n_out)
+        assert native.lora_gemv_(alone, x[t:t + 1].clone(), a, b, 0.3)
+        assert torch.equal(alone[0], together[t])
+    shifted = torch.zeros(16, n_out - 3)  # rows 3.. of B: every output feature moves to another block position
+    assert native.lora_gemv_(shifted, x, a, b[3:].clone(), 0.3)
+    assert torch.equal(shifted, together[:, 3:])
 
 
 def test_gemv_declines_what_it_cannot_do() -> None:
     a, b, x = torch.randn(4, 8), torch.randn(6, 4), torch.randn(8)
+    n = native.MAX_TOKENS + 1
     cases = [
         (torch.zeros(6, dtype=torch.float64), x.double(), a.double(), b.double()),  # not fp32
         (torch.zeros(6), x, torch.randn(8, 4).t(), b),  # A not contiguous
         (torch.zeros(6), x, a, torch.randn(4, 6).t()),  # B not contiguous
         (torch.zeros(6), x, torch.randn(native.MAX_RANK + 1, 8), torch.randn(6, native.MAX_RANK + 1)),  # rank
+        (torch.zeros(n, 6), torch.randn(n, 8), a, b),  # more tokens than the kernel takes
     ]
     for y, xx, aa, bb in cases:
         before = y.clone()
@@ -451,15 +474,17 @@ def _declined(*args) -> bool:
 
 
 @needs_kernel
-def test_batch_one_decode_through_the_kernel_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A one-token forward of an adapted Linear layer takes the kernel and gives the torch path's output."""
+@pytest.mark.parametrize("batch", [1, 4, native.MAX_TOKENS])
+def test_decode_through_the_kernel_equals_the_torch_path(monkeypatch: pytest.MonkeyPatch, batch: int) -> None:
+    """A decode-step forward (a few tokens) of an adapted Linear layer takes the kernel and gives the torch
+    path's output."""
     torch.manual_seed(0)
     model = Single(nn.Linear(40, 24))
     deltaw.attach(model, deltaw.LoraConfig(r=8, alpha=16, target_modules=["layer"]), "a")
     with torch.no_grad():
         for p in deltaw.adapter_parameters(model, "a"):
             p.normal_()
-    x = torch.randn(1, 1, 40)
+    x = torch.randn(batch, 1, 40)
     calls = []
     real = native.lora_gemv_
 
