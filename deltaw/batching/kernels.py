@@ -9,10 +9,14 @@ per module:
 ``grouped``    one stacked factor per distinct row spec (weights and scaling folded in, ranks zero-padded); rows
                gathered into groups and ``bmm``-ed (``index_select``, ``bmm``, ``bmm``, ``index_add_``; a plain
                ``bmm`` + ``baddbmm_`` on views when the rows are already grouped in order). Each needed adapter
-               is read once and LoRA FLOPs stay minimal: ``auto``'s decode choice.
+               is read once and LoRA FLOPs stay minimal: ``auto``'s decode choice without the kernel.
 ``rowwise``    each row's factors materialised per row once per context; ``bmm`` + ``baddbmm_`` with no gather
                or scatter of the activations: ``auto``'s prefill choice (the activations are the big tensors
                there), bounded by ``ROWWISE_MAX_BYTES`` of copies per layer.
+``native``     the CPU kernel library's ``dw_lora_rows_f32`` (fp32, up to ``native.MAX_TOKENS`` entries per
+               (adapter, weight) term): one call per module reads each needed adapter once, in place (no packs),
+               and gives each row exactly what the one-adapter decode kernel gives it alone: ``auto``'s decode
+               choice where it applies.
 ``dense``      the unique adapters concatenated along r; a (rows, R) mask holds each row's weight·scaling per
                column (``linear``, ``mul_``, ``addmm_``). Reads each adapter once, but FLOPs grow with the number
                of adapters: used for embeddings (a lookup, where gathering per group buys nothing).
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DeltawError
+from ..layers import native
 from ..layers.base import LoraLayer, version_of
 from ..layers.embedding import LoraEmbedding
 from ..layers.linear import LoraLinear
@@ -44,7 +49,7 @@ from ..registry import Weighted
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("auto", "reference", "uniform", "dense", "grouped", "rowwise")
+STRATEGIES = ("auto", "reference", "uniform", "native", "dense", "grouped", "rowwise")
 
 # Packed tensors survive the context that built them, keyed on adapter identity + version, so a repeated
 # ``per_row`` over the same adapters re-packs nothing. Bounded per layer (LRU) because packs copy factors.
@@ -179,10 +184,16 @@ class LayerRows:
             name = "reference"  # (max_norm renormalises rows of the table given: of each adapter's own table)
         elif name == "uniform" and not self.same_for_all:
             name = "dense"  # a forced "uniform" on a mixed batch: the closest exact kernel
-        elif name in ("grouped", "rowwise") and self.kind == "embedding":
+        elif name in ("grouped", "rowwise", "native") and self.kind == "embedding":
             name = "dense"  # a lookup reads only the rows' ids: gathering per group buys nothing
-        self.chosen[tuple(x.shape)] = name
         k = x.shape[0] // self.B
+        if name == "native":
+            run = self.native_kernel(x)
+            if run is not None:
+                self.chosen[tuple(x.shape)] = name
+                return run
+            name = "uniform" if self.same_for_all else "grouped"  # the kernel does not take these factors/shapes
+        self.chosen[tuple(x.shape)] = name
         if name == "reference":
             return self.reference
         if name == "uniform":
@@ -196,19 +207,25 @@ class LayerRows:
     def _auto(self, x: torch.Tensor) -> str:
         """Strategy by batch shape (measured on SmolLM2-135M / BERT-base shapes, 2 CPU threads):
 
-        decode (≤ 4 tokens per row): ``grouped`` -- each needed adapter read once, 2-4 ops per module
-        (16 distinct adapters 1.29× base vs 1.45× dense; 4 adapters 1.14× vs 1.21× dense, 1.23× rowwise);
+        decode (≤ 4 tokens per row): ``native`` where it applies (fp32 CPU, ≤ MAX_TOKENS entries per term; see
+        ``native_kernel``; B=16, same process against ``grouped``, three rounds: 4 adapters 1.10 / 1.14 / 1.11×
+        base vs 1.16 / 1.11 / 1.17×, 16 adapters 1.27 / 1.29 / 1.25× vs 1.24 / 1.29 / 1.23×, bound by the
+        factors' bytes), else ``uniform`` for one spec on every row, else ``grouped`` -- each needed adapter
+        read once, 2-4 ops per module (16 distinct adapters 1.29× base vs 1.45× dense; 4 adapters 1.14× vs
+        1.21× dense, 1.23× rowwise);
         prefill: ``rowwise`` -- no gather/scatter of the activations (BERT 8×128, 4 adapters: 1.006× vs 1.044×
         grouped, 1.15× dense), unless the rows are already grouped in order (``grouped`` is then pure views)
         or the per-row copies would exceed two per adapter or ``ROWWISE_MAX_BYTES`` for this layer."""
         if self.kind == "other":
             return "reference"
+        if self.kind == "embedding":
+            return "uniform" if self.same_for_all else "dense"
+        tokens_per_row = x.numel() // (self.B * x.shape[-1])
+        if tokens_per_row <= 4:
+            return "native"  # falls back to uniform / grouped where the kernel does not apply
         if self.same_for_all:
             return "uniform"
-        if self.kind == "embedding":
-            return "dense"
-        tokens_per_row = x.numel() // (self.B * x.shape[-1])
-        if tokens_per_row > 4 and not self._grouped_in_order() and self.B <= 2 * self.G \
+        if not self._grouped_in_order() and self.B <= 2 * self.G \
                 and self._rowwise_bytes() <= ROWWISE_MAX_BYTES:
             return "rowwise"  # ≤ 2 copies of each needed adapter, bounded per layer
         return "grouped"
@@ -329,6 +346,44 @@ class LayerRows:
             lookup = self.layer._lookup
             return _Lookup(lookup, table)
         return _LinearIn(a, dtype)
+
+    def native_kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+        """One ``native.lora_rows_`` call per module: a term per (adapter, weight) over the entries (rows of x
+        flattened to (N·T, in)) of the rows using it; the factors are read in place. None when the kernel does
+        not take this layer's factors or batch (then ``uniform`` / ``grouped``); a call it declines (dtype,
+        layout) runs the fallback kernel."""
+        in_f = x.shape[-1]
+        entries = x.numel() // in_f if in_f else 0
+        if entries == 0 or entries % self.B and not self.same_for_all:
+            return None
+        per = entries // self.B  # entries of one row: k·T, contiguous
+        rows_of: dict[tuple[str, float], list[int]] = {}
+        if self.same_for_all:
+            (spec,) = self.groups
+            for n, w in spec:
+                rows_of[(n, w)] = list(range(entries))
+        else:
+            for row, spec in enumerate(self.specs):
+                for n, w in spec:
+                    rows_of.setdefault((n, w), []).extend(range(row * per, (row + 1) * per))
+        terms = []
+        for (n, w), rows in rows_of.items():
+            a, b, s = self._factors(n)
+            terms.append((a, b, w * s, rows))
+        prepared = native.row_terms(terms, entries)
+        if prepared is None:
+            return None
+        fallback: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
+        k = x.shape[0] // self.B if x.shape[0] % self.B == 0 else 1
+
+        def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if native.lora_rows_(y, x, prepared):
+                return y
+            if not fallback:
+                fallback.append(self.uniform_kernel() if self.same_for_all else self.grouped_kernel(k))
+            return fallback[0](x, y)
+
+        return run
 
     def dense_kernel(self, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """h = project_in(x, A_cat) (N, ..., R); h *= mask (N, 1.., R) [w·s per row and column]; y += h·Bᵀ."""

@@ -131,7 +131,7 @@ def per_row(model: nn.Module, rows: Sequence[RowSpec], *, strategy: str = "auto"
     ``rows``: one entry per batch row: an adapter name, None (the base model), a list of names (weight 1 each)
     or a mapping {name: weight} (a weighted stack). Adapters may have different ranks and targets. Unknown names
     and conflicting modules_to_save heads raise here, before any compute. ``strategy`` forces one kernel
-    ("reference", "dense", "grouped", "rowwise", "uniform"; "auto" picks per layer and batch shape).
+    ("reference", "native", "dense", "grouped", "rowwise", "uniform"; "auto" picks per layer and batch shape).
 
     Inside, every forward must have the rows as its leading dimension (or k consecutive entries per row, as
     beam search and ``num_return_sequences`` lay them out, or ids an embedding looks up once for every row, as

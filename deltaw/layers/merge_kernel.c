@@ -34,6 +34,14 @@ typedef struct {
     float alpha;
 } dw_term;
 
+/* One term of a mixed decode batch: rows[0..n) of x and y get y += s · B (A x); A (r, in), B (out, r). */
+typedef struct {
+    const float *a, *b;
+    const int64_t *rows;
+    int64_t r, n;
+    float s;
+} dw_rowterm;
+
 typedef struct {
     float *w;
     const float *w0;
@@ -187,14 +195,15 @@ static inline __m256 dw_gemv_b8(const float *b, const float *h, int64_t r, __m25
 
 /* n tokens: each token's h in turn (A stays in L1/L2 after the first), then each block of 8 rows of B once for
  * all tokens (it stays in L1). Every token gets exactly the one-token arithmetic above, so a row's result does
- * not depend on how many rows share the call. h: (n, rp) with rp = r rounded up to 8, zero-filled. */
+ * not depend on how many rows share the call. Token t is row idx[t] of x and y (row t when idx is NULL).
+ * h: (n, rp) with rp = r rounded up to 8, zero-filled. */
 __attribute__((target("avx2,fma")))
-static void dw_gemv_tokens(float *y, const float *x, const float *a, const float *b, int64_t n, int64_t r,
-                           int64_t in, int64_t out, float s, float *h) {
+static void dw_gemv_tokens(float *y, const float *x, const float *a, const float *b, int64_t n, const int64_t *idx,
+                           int64_t r, int64_t in, int64_t out, float s, float *h) {
     int64_t rp = (r + 7) / 8 * 8;
     for (int64_t t = 0; t < n; ++t) {
         float *ht = h + t * rp;
-        const float *xt = x + t * in;
+        const float *xt = x + (idx ? idx[t] : t) * in;
         int64_t k = 0;
         for (; k + 4 <= r; k += 4) dw_gemv_a(ht, xt, a, k, 4, in, s);
         for (; k < r; ++k) dw_gemv_a(ht, xt, a, k, 1, in, s);
@@ -205,7 +214,7 @@ static void dw_gemv_tokens(float *y, const float *x, const float *a, const float
     int64_t o = 0;
     for (; o + 8 <= out; o += 8)
         for (int64_t t = 0; t < n; ++t) {
-            float *yt = y + t * out + o;
+            float *yt = y + (idx ? idx[t] : t) * out + o;
             _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), dw_gemv_b8(b + o * r, h + t * rp, r, mask)));
         }
     if (o < out) {  /* the last rows, copied into a zero-filled block of 8 so they get the same arithmetic */
@@ -213,12 +222,15 @@ static void dw_gemv_tokens(float *y, const float *x, const float *a, const float
         memset(tail, 0, sizeof(float) * 8 * r);
         memcpy(tail, b + o * r, sizeof(float) * (out - o) * r);
         for (int64_t t = 0; t < n; ++t) {
-            float u[8];
+            float u[8], *yt = y + (idx ? idx[t] : t) * out + o;
             _mm256_storeu_ps(u, dw_gemv_b8(tail, h + t * rp, r, mask));
-            for (int64_t q = 0; q < out - o; ++q) y[t * out + o + q] += u[q];
+            for (int64_t q = 0; q < out - o; ++q) yt[q] += u[q];
         }
     }
 }
+
+/* A scratch h of n x rp floats: on the stack when small, else allocated (NULL on failure). */
+#define DW_STACK_H (4 * DW_MAX_RANK)
 
 /* y (n, out) += s · (x (n, in) Aᵀ) Bᵀ for a few tokens (decode of a small batch): A and B are read from memory
  * once for all n tokens, where two torch GEMMs of these skinny shapes pay more than their arithmetic in per-op
@@ -227,11 +239,35 @@ int dw_lora_gemv_f32(float *y, const float *x, const float *a, const float *b, i
                      int64_t out, float s) {
     if (!dw_supported() || n < 1 || r < 1 || r > DW_MAX_RANK || in < 1 || out < 1) return -1;
     int64_t rp = (r + 7) / 8 * 8;
-    float stack[4 * DW_MAX_RANK] __attribute__((aligned(32)));
-    float *h = n * rp <= 4 * DW_MAX_RANK ? stack : (float *)aligned_alloc(32, (size_t)(n * rp) * sizeof(float));
+    float stack[DW_STACK_H] __attribute__((aligned(32)));
+    float *h = n * rp <= DW_STACK_H ? stack : (float *)aligned_alloc(32, (size_t)(n * rp) * sizeof(float));
     if (!h) return -1;
     memset(h, 0, (size_t)(n * rp) * sizeof(float));  /* zeros past r: the last chunk's padding */
-    dw_gemv_tokens(y, x, a, b, n, r, in, out, s, h);
+    dw_gemv_tokens(y, x, a, b, n, 0, r, in, out, s, h);
+    if (h != stack) free(h);
+    return 0;
+}
+
+/* A mixed batch's decode step (one adapter per row, or a weighted stack): for each term, the rows idx[0..n) of x
+ * and y get y += s · B (A x), with the arithmetic above, so a row whose spec is one adapter gets exactly what it
+ * gets alone. Terms are added in order (a stacked row gets its terms one after another). All terms are checked
+ * before anything is written; returns -1 (nothing written) when one does not fit. */
+int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms) {
+    if (!dw_supported() || in < 1 || out < 1 || nterms < 1) return -1;
+    int64_t most = 0;
+    for (int t = 0; t < nterms; ++t) {
+        int64_t need = terms[t].n * ((terms[t].r + 7) / 8 * 8);
+        if (terms[t].r < 1 || terms[t].r > DW_MAX_RANK || terms[t].n < 1) return -1;
+        if (need > most) most = need;
+    }
+    float stack[DW_STACK_H] __attribute__((aligned(32)));
+    float *h = most <= DW_STACK_H ? stack : (float *)aligned_alloc(32, (size_t)most * sizeof(float));
+    if (!h) return -1;
+    for (int t = 0; t < nterms; ++t) {
+        const dw_rowterm *tm = &terms[t];
+        memset(h, 0, (size_t)(tm->n * ((tm->r + 7) / 8 * 8)) * sizeof(float));
+        dw_gemv_tokens(y, x, tm->a, tm->b, tm->n, tm->rows, tm->r, in, out, tm->s, h);
+    }
     if (h != stack) free(h);
     return 0;
 }
@@ -240,6 +276,9 @@ static void dw_rows(dw_job *jb) { jb->bad = 1; }
 int dw_supported(void) { return 0; }
 int dw_lora_gemv_f32(float *y, const float *x, const float *a, const float *b, int64_t n, int64_t r, int64_t in,
                      int64_t out, float s) {
+    return -1;
+}
+int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms) {
     return -1;
 }
 #endif

@@ -75,6 +75,13 @@ class _Term(ctypes.Structure):
                 ("r", ctypes.c_int64), ("alpha", ctypes.c_float)]
 
 
+class _RowTerm(ctypes.Structure):
+    """``dw_rowterm`` in merge_kernel.c: rows[0..n) of x and y get y += s · B (A x); A (r, in), B (out, r)."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("rows", ctypes.c_void_p), ("r", ctypes.c_int64),
+                ("n", ctypes.c_int64), ("s", ctypes.c_float)]
+
+
 def _open(path: Path) -> ctypes.CDLL:
     """Load a built kernel and declare its signatures (OSError / AttributeError when the file is not one)."""
     lib = ctypes.CDLL(str(path))
@@ -87,6 +94,10 @@ def _open(path: Path) -> ctypes.CDLL:
     gemv = lib.dw_lora_gemv_f32
     gemv.restype = ctypes.c_int
     gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_float]
+    rows = lib.dw_lora_rows_f32
+    rows.restype = ctypes.c_int
+    rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_RowTerm),
+                     ctypes.c_int]
     return lib
 
 
@@ -240,3 +251,54 @@ def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         return False
     return lib.dw_lora_gemv_f32(y.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), n, r, n_in, n_out,
                                 scale) == 0
+
+
+class RowTerms:
+    """The terms of one mixed decode batch for one layer, prepared once for ``lora_rows_``: per (adapter,
+    weight), the factors A (r, in), B (out, r), the scale and the entries (rows of the flattened x and y) it
+    applies to. Holds references to the factors and indexes, so the pointers it hands the kernel stay valid
+    (a factor replaced through ``.data`` keeps its old values here, as packs do)."""
+
+    def __init__(self, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float, list[int]]], entries: int) -> None:
+        self.entries = entries
+        self.in_f, self.out_f = terms[0][0].shape[1], terms[0][1].shape[0]
+        self._keep = []
+        packed = []
+        for a, b, scale, rows in terms:
+            idx = torch.tensor(rows, dtype=torch.int64)  # (n,)
+            self._keep.append((a, b, idx))
+            packed.append(_RowTerm(a.data_ptr(), b.data_ptr(), idx.data_ptr(), a.shape[0], len(rows), scale))
+        self.array = (_RowTerm * len(packed))(*packed)
+        self.count = len(packed)
+
+
+def row_terms(terms: Sequence[tuple[torch.Tensor, torch.Tensor, float, list[int]]],
+              entries: int) -> RowTerms | None:
+    """``RowTerms`` for these (A, B, scale, entry indexes), or None when the kernel cannot take them: no kernel
+    here, a factor not fp32 on the CPU or not contiguous, rank above MAX_RANK, a term with more than MAX_TOKENS
+    entries (torch's batched GEMMs win there), factors of different layer shapes, or an index outside
+    [0, entries) or repeated."""
+    lib = kernel()
+    if lib is None or not terms:
+        return None
+    in_f, out_f = terms[0][0].shape[1], terms[0][1].shape[0]
+    for a, b, _, rows in terms:
+        if (a.dtype is not torch.float32 or b.dtype is not torch.float32 or not (a.is_cpu and b.is_cpu)
+                or not (a.is_contiguous() and b.is_contiguous()) or a.dim() != 2 or b.dim() != 2
+                or a.shape[0] > MAX_RANK or b.shape[1] != a.shape[0] or a.shape[1] != in_f or b.shape[0] != out_f
+                or not 0 < len(rows) <= MAX_TOKENS or min(rows) < 0 or max(rows) >= entries
+                or len(set(rows)) != len(rows)):
+            return None
+    return RowTerms(terms, entries)
+
+
+def lora_rows_(y: torch.Tensor, x: torch.Tensor, terms: RowTerms) -> bool:
+    """y += s · (x Aᵀ) Bᵀ on each term's rows, in place: x (..., in) and y (..., out) flattened to ``terms.entries``
+    rows. Returns False, touching nothing, unless x and y are contiguous fp32 CPU tensors of exactly that many
+    rows (the kernel indexes them without bounds checks)."""
+    if (y.dtype is not torch.float32 or x.dtype is not torch.float32 or not (y.is_cpu and x.is_cpu)
+            or not (y.is_contiguous() and x.is_contiguous()) or y.numel() != terms.entries * terms.out_f
+            or x.numel() != terms.entries * terms.in_f):
+        return False
+    return _lib.dw_lora_rows_f32(y.data_ptr(), x.data_ptr(), terms.in_f, terms.out_f, terms.array,
+                                 terms.count) == 0

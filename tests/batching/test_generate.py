@@ -36,7 +36,7 @@ def _alone(model, ids, rows, **kw):
     return torch.cat(outs)
 
 
-@pytest.mark.parametrize("strategy", ["auto", "dense", "grouped", "rowwise", "reference"])
+@pytest.mark.parametrize("strategy", ["auto", "native", "dense", "grouped", "rowwise", "reference"])
 def test_generate_mixed_equals_per_row(model, strategy):
     ids = torch.randint(1, 64, (len(ROWS), 6), generator=torch.Generator().manual_seed(5))
     expected = _alone(model, ids, ROWS)

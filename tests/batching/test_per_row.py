@@ -13,6 +13,7 @@ from torch import nn
 
 import deltaw
 from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, per_row
+from deltaw.layers import native
 from toy_models import EmbeddingNet, tiny_gpt2, tiny_llama
 from toy_models import logits_of as _out
 from toy_models import rows_alone as _alone
@@ -303,15 +304,22 @@ def test_conv_layers_use_the_reference_path():
         torch.testing.assert_close(model(x), expected, **TOL)
 
 
-def test_auto_picks_by_batch_shape():
-    """Decode-shaped calls group rows (each adapter read once); prefill-shaped ones go rowwise (no gather);
-    one shared spec is a plain LoRA; embeddings use the masked dense lookup; autograd uses the reference."""
+@pytest.mark.parametrize("with_kernel", [True, False])
+def test_auto_picks_by_batch_shape(monkeypatch, with_kernel):
+    """Decode-shaped calls run the native row kernel where it applies, else group rows (each adapter read
+    once); prefill-shaped ones go rowwise (no gather); one shared spec is a plain LoRA; embeddings use the
+    masked dense lookup; autograd uses the reference."""
+    if with_kernel and native.kernel() is None:
+        pytest.skip("no native kernel on this machine")
+    if not with_kernel:
+        monkeypatch.setattr(native, "row_terms", lambda *args: None)
+    decode_kernel = "native" if with_kernel else "grouped"
     model = _llama()
     rows = ["a", "b", "a", "b"]
     with per_row(model, rows) as plan, torch.no_grad():
         model(torch.randint(1, 64, (4, 1)))
         decode = plan.strategies_used()
-    assert decode.get("grouped") and decode.get("dense") and "rowwise" not in decode  # dense: embed_tokens
+    assert set(decode) == {decode_kernel, "dense"}  # dense: embed_tokens
     with per_row(model, rows) as plan, torch.no_grad():
         model(torch.randint(1, 64, (4, 12)))
         assert plan.strategies_used().get("rowwise")
@@ -320,6 +328,9 @@ def test_auto_picks_by_batch_shape():
         assert set(plan.strategies_used()) == {"grouped"}
     with per_row(model, ["c"] * 4) as plan, torch.no_grad():
         model(torch.randint(1, 64, (4, 3)))
+        assert set(plan.strategies_used()) == {"native" if with_kernel else "uniform"}
+    with per_row(model, ["c"] * 4) as plan, torch.no_grad():
+        model(torch.randint(1, 64, (4, 12)))
         assert set(plan.strategies_used()) == {"uniform"}
     with per_row(model, rows) as plan:
         model(torch.randint(1, 64, (4, 3)))
