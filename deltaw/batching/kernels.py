@@ -356,6 +356,8 @@ class LayerRows:
         entries = x.numel() // in_f if in_f else 0
         if entries == 0 or entries % self.B and not self.same_for_all:
             return None
+        if x.dtype is not torch.float32 or self.layer.base_weight().dtype is not torch.float32 or not x.is_cpu:
+            return None  # (half-precision bases: the kernel is fp32 only)
         per = entries // self.B  # entries of one row: k·T, contiguous
         rows_of: dict[tuple[str, float], list[int]] = {}
         if self.same_for_all:

@@ -150,3 +150,17 @@ def test_a_call_the_kernel_declines_runs_the_fallback():
         got = layer(x)
         assert plan.strategies_used() == {"native": 1}
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_models_choose_another_kernel():
+    """A bf16 model: the kernel is fp32 only, so the plan picks grouped up front."""
+    model = _model().to(torch.bfloat16)
+    rows = ["a", "b"]
+    ids = torch.randint(1, 64, (2, 1), generator=torch.Generator().manual_seed(6))
+    with per_row(model, rows, strategy="reference"):
+        expected = _decode_logits(model, ids)
+    with per_row(model, rows) as plan:
+        got = _decode_logits(model, ids)
+        used = plan.strategies_used()
+    assert "native" not in used and used.get("grouped"), used
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
