@@ -513,7 +513,8 @@ def unmerge(model: nn.Module, names: str | Sequence[str] | None = None, *, keep_
     """Take adapters back out of the weights (all merged ones by default). Restores W0 bit for bit.
 
     W0 comes back by a pointer swap; the merged weights' memory is kept (CPU only) for the next merge, which
-    then writes into it instead of faulting in fresh pages (135M model, 2 threads: 370-900 ms -> 120-135 ms).
+    then writes into it instead of faulting in fresh pages (135M model, 2 threads: 370-900 ms -> 120-135 ms),
+    unless something else still uses that memory then (a ``state_dict()`` taken while merged keeps its values).
     That holds one weight-sized buffer per layer that was merged (what merging held anyway);
     ``keep_memory=False`` or ``release_merge_memory(model)`` gives it back. On CUDA the caching allocator
     already reuses freed memory, so nothing is kept there."""
@@ -543,24 +544,25 @@ def merged(model: nn.Module) -> Weighted:
 
 
 def merge_and_unload(model: nn.Module, spec: AdapterSpec = None) -> nn.Module:
-    """Merge (``spec``, else what is merged already, else the active adapters) and return the plain model:
-    every wrapper replaced by its base layer, no adapter state left. Saved modules keep the active copy."""
+    """Merge and return the plain model: every wrapper replaced by its base layer, no adapter state left.
+
+    ``spec`` is merged as ``merge`` does it: it adds to what is already merged (an adapter listed again takes
+    its new weight); without ``spec``, what is merged stays, or the active adapters are merged when nothing is.
+    Live adapters that end up unmerged are dropped, and with them their saved modules: a ``modules_to_save``
+    module becomes the copy of the first merged adapter that has one, else the original -- what the merged model
+    computes once its unmerged live adapters are removed. A refused merge changes nothing."""
     st = state(model)
     _no_open_rows(st, "merge_and_unload")
     if spec is not None:
-        target = normalize(spec)
-        for n, _ in target:
-            st.require(n)
-        with torch.no_grad():
-            _apply_merged(st, target)
+        if normalize(spec):  # an empty spec adds nothing (``merge`` would refuse it: nothing to merge)
+            merge(model, spec)
     elif not st.merged and st.active:
         merge(model)
-    keep_heads = [n for n, _ in (normalize(spec) if spec is not None else st.merged or st.active)]
     for path, layer in st.layers.items():
         _set_submodule(model, path, layer.base_layer)
     for path, wrapper in st.saved_modules.items():
-        chosen = next((wrapper.modules_to_save[n] for n in keep_heads if n in wrapper.modules_to_save),
-                      wrapper.original_module)
-        _set_submodule(model, path, chosen)
+        copies = wrapper.modules_to_save
+        kept = next((copies[n] for n, _ in st.merged if n in copies), wrapper.original_module)
+        _set_submodule(model, path, kept)
     del model.__dict__[_STATE_ATTR]
     return model

@@ -314,3 +314,75 @@ def test_no_lora_inside_a_module_trained_in_full(tmp_path):
     with pytest.raises(deltaw.TargetError, match="holds LoRA layer"):
         deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["layers.0.mlp"]), "b")
     assert deltaw.adapters(model) == ["a"]
+
+
+def test_a_merged_adapters_head_runs_in_forward_as_merge_and_unload_keeps_it():
+    """A merged adapter's modules_to_save copy was ignored by forward unless the adapter was also active, while
+    merge_and_unload kept it: one merged state, two different models. The shared rule: the copy of the first
+    active adapter that has one, else of the first merged adapter that has one, else the original."""
+    from toy_models import MLP
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 12)
+    config = deltaw.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"])
+    for n in ("a", "b"):
+        deltaw.attach(model, config, n, activate=False)
+        randomize(model, n, seed=ord(n))
+    wrapper = deltaw.state(model).saved_modules["head"]
+    with torch.no_grad():
+        with deltaw.using(model, "a"):
+            adapter_out = model(x)
+        deltaw.merge(model, "a")  # in the weights, not active
+        assert deltaw.active(model) == ()
+        torch.testing.assert_close(model(x), adapter_out, **TOL)
+        with deltaw.using(model, "b"):  # an active adapter's copy comes first
+            assert wrapper.current() is wrapper.modules_to_save["b"]
+        with deltaw.disabled(model):
+            assert wrapper.current() is wrapper.original_module
+        merged_out = model(x)
+        plain = deltaw.merge_and_unload(model)
+        assert plain.head is wrapper.modules_to_save["a"]
+        torch.testing.assert_close(plain(x), merged_out, rtol=0, atol=0)
+
+
+def test_merge_and_unload_drops_a_live_unmerged_adapters_head_with_its_update():
+    """a merged (no head), b live and unmerged with a head: the plain model carries a's update only, so it must
+    not keep b's head either (it would be half of b)."""
+    from toy_models import MLP
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(4, 12)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["fc1"]), "a", activate=False)
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["fc2"], modules_to_save=["head"]), "b",
+                  activate=False)
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    wrapper = deltaw.state(model).saved_modules["head"]
+    with torch.no_grad():
+        deltaw.merge(model, "a")
+        with deltaw.using(model, None):
+            only_a = model(x)
+        deltaw.activate(model, "b")
+        assert wrapper.current() is wrapper.modules_to_save["b"]  # live: b's head runs in forward
+        plain = deltaw.merge_and_unload(model)
+        assert plain.head is wrapper.original_module
+        torch.testing.assert_close(plain(x), only_a, rtol=0, atol=0)
+
+
+def test_merge_and_unload_with_a_spec_adds_to_what_is_merged():
+    """merge_and_unload(model, spec) replaced the merged set with spec: an adapter merged earlier was taken back
+    out of the returned model. A spec adds to what is merged, as in merge; an empty one adds nothing."""
+    from toy_models import MLP
+    x = torch.randn(3, 12)
+    outputs = []
+    for spec in ("b", {}):
+        torch.manual_seed(0)
+        model = MLP().eval()
+        for n in ("a", "b"):
+            deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["fc1", "fc2"]), n)
+            randomize(model, n, seed=ord(n))
+        deltaw.merge(model, "a")
+        with torch.no_grad():
+            with deltaw.using(model, "b" if spec else None):  # a merged (+ b live)
+                expected = model(x)
+            outputs.append((deltaw.merge_and_unload(model, spec)(x), expected))
+    for got, expected in outputs:
+        torch.testing.assert_close(got, expected, **TOL)

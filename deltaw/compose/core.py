@@ -127,11 +127,13 @@ def _combine(terms: dict[str, list[Term]], max_ranks: dict[str, int], method: st
 
 
 def _config_for(results: dict[str, ModuleResult], paths: Sequence[str]) -> LoraConfig:
-    """Scaling 1 everywhere: alpha = r = the most common rank, patterns for the rest (keys are escaped full paths,
-    matched as PEFT does)."""
+    """Scaling 1 everywhere: alpha = r = the most common rank, patterns for the rest. Pattern keys match as
+    ``(.*\\.)?(key)$`` (PEFT's rule, and ``LoraConfig.rank_for``'s), i.e. by dotted suffix: an escaped path
+    "fc" would also set "sub.fc". Anchored with ``^``, a key matches its own path only, under both rules (as
+    ``io.peft`` writes them)."""
     ranks = {p: results[p].rank for p in paths}
     r = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+    pattern = {"^" + re.escape(p): k for p, k in ranks.items() if k != r}
     return LoraConfig(r=r, alpha=float(r), target_modules=tuple(sorted(paths)), dropout=0.0, rank_pattern=pattern,
                       alpha_pattern={key: float(k) for key, k in pattern.items()}, use_rslora=False)
 

@@ -93,6 +93,32 @@ def _all_finite(t: torch.Tensor) -> bool:
     return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
 
 
+def _use_count(t: torch.Tensor) -> int | None:
+    """How many references hold ``t``'s memory (tensors sharing it, plus the storage object read to ask), or
+    None where this torch cannot tell."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None
+    try:
+        storage = t.untyped_storage()  # held while counting: ``_cdata`` is a raw pointer into it
+        return count(storage._cdata)
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+
+
+@functools.cache
+def _sole_use_count() -> int | None:
+    """What ``_use_count`` reports for a tensor whose memory nothing else shares, measured once."""
+    return _use_count(torch.empty(1))
+
+
+def _sole_user(t: torch.Tensor) -> bool:
+    """True when ``t`` is the only tensor using its memory (no view, ``.detach()``, state_dict entry or saved
+    autograd tensor shares it), so writing into it changes nothing anyone else can see; False when unknown."""
+    count, sole = _use_count(t), _sole_use_count()
+    return count is not None and sole is not None and count <= sole
+
+
 def _is_zero_in(alpha: float, dtype: torch.dtype) -> bool:
     """Whether ``alpha`` (a Python float) becomes 0 as the scalar of a matmul in ``dtype`` (fp32: |alpha| at or
     below 2**-150 rounds to zero, ties to even)."""
@@ -244,14 +270,20 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         return self.lora_A[name].shape[0]
 
     # ---- forward -----------------------------------------------------------------------------------------
+    def runs_directly(self, base: nn.Module) -> bool:
+        """True when ``base(x)`` may be replaced by ``base_forward(x, weight)``: a plain base type and nothing
+        that ``nn.Module.__call__`` would run besides its forward (hooks, an instance-level forward such as
+        accelerate's offload hook)."""
+        return self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                                         or base._backward_pre_hooks or "forward" in base.__dict__
+                                         or _global_hooks())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: AdapterState = self._state
-        if state.disabled:
-            return self.base_layer(x) if self._pristine is None else self.base_forward(x, self._pristine)
         base = self._modules["base_layer"]
-        if self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                                     or base._backward_pre_hooks or "forward" in base.__dict__ or _global_hooks()):
-            # ("forward" in __dict__: an instance-level forward, e.g. accelerate's offload hook, must run)
+        if state.disabled:
+            return base(x) if self._pristine is None else self.pristine_forward(x)
+        if self.runs_directly(base):
             y = self.base_forward(x, base._parameters["weight"])  # what base(x) runs, minus the call machinery
         else:
             y = base(x)
@@ -272,6 +304,24 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 else:
                     y = y + self.lora_out(name, x, y.dtype) * scale
         return y
+
+    def pristine_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output with W0 while merged weights are installed (``disabled()``).
+
+        Runs ``base_layer(x)`` itself unless ``runs_directly``: a subclass's own forward and the layer's hooks
+        must see W0 as they do unmerged. W0 stands in as a frozen Parameter of its own for the call, so the
+        installed Parameter is never touched and an autograd graph built here keeps W0, not the merged weight
+        that comes back afterwards."""
+        base = self._modules["base_layer"]
+        if self.runs_directly(base):
+            return self.base_forward(x, self._pristine)
+        params = base._parameters
+        installed = params["weight"]
+        params["weight"] = nn.Parameter(self._pristine, requires_grad=False)
+        try:
+            return base(x)
+        finally:
+            params["weight"] = installed
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
         """y + scale·B(A(x)) with autograd off and no dropout. Channels-last layers override this to add in
@@ -383,11 +433,13 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
 
     def spare(self) -> torch.Tensor | None:
         """Memory a merge may write its result into (``merged_weight(out=...)``): the weight the last unmerge
-        took out, when it still fits W0 (one that no longer does is dropped here); None otherwise."""
+        took out, when it still fits W0 and nothing else uses its memory (one that does not is dropped here);
+        None otherwise. A ``state_dict()`` snapshot or ``.detach()`` taken while merged shares that memory: a
+        merge written into it would silently turn the snapshot into another adapter's merge."""
         spare, w0 = self._spare, self.base_weight()
         if spare is None or self._pristine is not None:
             return None
-        if spare.shape != w0.shape or spare.dtype != w0.dtype or spare.device != w0.device:
+        if spare.shape != w0.shape or spare.dtype != w0.dtype or spare.device != w0.device or not _sole_user(spare):
             object.__setattr__(self, "_spare", None)
             return None
         return spare
@@ -438,8 +490,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
 class ModulesToSave(nn.Module):
     """A module trained in full per adapter (e.g. a new classification head), as PEFT's ``modules_to_save``.
 
-    The original stays as ``original_module``; each adapter gets its own copy. The first live adapter that has
-    a copy decides the forward; disabled (or none live) uses the original.
+    The original stays as ``original_module``; each adapter gets its own copy. Which module runs (``selected``):
+    the copy of the first active adapter that has one, else that of the first merged adapter that has one, else
+    the original; disabled uses the original. ``merge_and_unload`` keeps the merged adapters' choice (the live,
+    unmerged ones are dropped with their LoRA update).
     """
 
     def __init__(self, original: nn.Module, state: AdapterState) -> None:
@@ -457,16 +511,27 @@ class ModulesToSave(nn.Module):
     def delete_adapter(self, name: str) -> None:
         del self.modules_to_save[name]
 
-    def current(self) -> nn.Module:
+    def selected(self) -> nn.Module:
+        """The copy of the first active adapter that has one, else of the first merged adapter that has one, else
+        the original. Merged adapters count even when inactive: their LoRA update stays in the base weights, and
+        it was trained together with this copy (a merged adapter without its head is half an adapter)."""
         state: AdapterState = self._state
-        if not state.disabled:
-            if state.rows is not None:
-                head = state.rows.single_head(self)
-                return self.modules_to_save[head] if head is not None else self.original_module
-            for name, _ in state.active:
-                if name in self.modules_to_save:
-                    return self.modules_to_save[name]
+        copies = self.modules_to_save
+        for name, _ in itertools.chain(state.active, state.merged):
+            if name in copies:
+                return copies[name]
         return self.original_module
+
+    def current(self) -> nn.Module:
+        """The module this forward runs: ``selected()``, the original when disabled, the rows' own choice
+        under a per_row batch."""
+        state: AdapterState = self._state
+        if state.disabled:
+            return self.original_module
+        if state.rows is not None:
+            head = state.rows.single_head(self)
+            return self.modules_to_save[head] if head is not None else self.original_module
+        return self.selected()
 
     def forward(self, *args, **kwargs):
         return self.current()(*args, **kwargs)

@@ -30,8 +30,24 @@ class LoraEmbedding(LoraLayer):
                 "the rows it looks up, so the merged table would give different outputs than base + adapter")
 
     def _lookup(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Rows ``table[ids]`` of an adapter factor table (Aᵀ, (num, r)) under the base layer's padding_idx,
+        scale_grad_by_freq and max_norm, with two differences from ``F.embedding`` on that table:
+
+        * dense, whatever the base's ``sparse``: the table is a transposed view of A, and a sparse gradient
+          cannot be routed back through a transpose (backward fails); A has only r rows, so a dense gradient
+          costs little.
+        * max_norm renormalises the looked-up rows out of place: ``F.embedding`` rewrites the rows of the table
+          it is given in place, i.e. A on every forward, no_grad and eval included. Here torch's own formula
+          (``embedding_renorm_``: rows whose norm_type-norm exceeds max_norm are scaled by
+          max_norm / (norm + 1e-7), in double) applies to the looked-up rows only: the output PEFT's layer
+          gives on the same factors, A unchanged."""
         e = self.base_layer
-        return F.embedding(ids, table, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)
+        h = F.embedding(ids, table, e.padding_idx, None, e.norm_type, e.scale_grad_by_freq, False)  # (..., r)
+        if e.max_norm is None:
+            return h
+        norm = torch.linalg.vector_norm(h, e.norm_type, dim=-1, keepdim=True).double()  # (..., 1)
+        scale = torch.where(norm > e.max_norm, e.max_norm / (norm + 1e-7), 1.0)
+        return h * scale.to(h.dtype)
 
     def project_in(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return self._lookup(x, a.T)  # (...,) ids -> (..., r)
@@ -56,4 +72,5 @@ class LoraEmbedding(LoraLayer):
         return y
 
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return self._lookup(x, weight)
+        e = self.base_layer
+        return F.embedding(x, weight, e.padding_idx, e.max_norm, e.norm_type, e.scale_grad_by_freq, e.sparse)

@@ -206,6 +206,27 @@ def _load_adapter_tensors(model: nn.Module, name: str, directory: Path) -> None:
             st.saved_modules[module].modules_to_save[name].load_state_dict(sd)
 
 
+def _undo_attach(model: nn.Module) -> Callable[[str], None]:
+    """A function that takes an adapter attached after this call back out, leaving ``model`` as it is now: the
+    previous activation comes back, and a model that carried no deltaw state gets its plain modules and its
+    requires_grad flags back (the first attach wraps layers and freezes every base parameter)."""
+    if model.__dict__.get(api._STATE_ATTR) is not None:
+        active = api.active(model)
+
+        def undo(name: str) -> None:
+            api.delete(model, name)
+            api.activate(model, dict(active))
+    else:
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+
+        def undo(name: str) -> None:
+            api.delete(model, name)
+            api.merge_and_unload(model)  # nothing merged or active is left: this only unwraps
+            for p, flag in flags:
+                p.requires_grad_(flag)
+    return undo
+
+
 def _autocast(config: TrainConfig, device: torch.device):
     if config.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -272,53 +293,60 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
         log.warning("no validation data: periodic evaluation and early stopping are off")
 
     # The adapter: fresh (same init on every rank: same seed) or the checkpoint's (validated against this base).
+    # Until training starts, an error takes it out again (attach itself is all-or-nothing): the caller's model
+    # comes back as it was passed in, and a retry after fixing the cause does not meet a leftover adapter.
     name = config.adapter_name
+    undo = _undo_attach(model)
     torch.manual_seed(config.seed)
     if resume_from is not None:
         peft_io.load(model, resume_from, name, trainable=True, activate=True)
     else:
         info = api.attach(model, _lora_config(config, model), name)
         info.metadata.update(_adapter_metadata(config, label_names))
-    api.state(model).adapters[name].metadata.update(_adapter_metadata(config, label_names))
-    api.activate(model, name)
-    if config.gradient_checkpointing:
-        # transformers 5 renamed the method; non-reentrant checkpointing works with a frozen embedding.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    try:
+        api.state(model).adapters[name].metadata.update(_adapter_metadata(config, label_names))
+        api.activate(model, name)
+
+        params, names = ckpt.named_trainables(model)
+        adapter_ids = {id(p) for p in api.adapter_parameters(model, name)}
+        stray = [names[id(p)] for p in params if id(p) not in adapter_ids]
+        if stray:
+            raise ValueError(f"parameters outside the adapter require grad: {stray[:5]}; only adapters are trained")
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+        global_batch = config.batch_size * config.grad_accum * ctx.world_size
+        stream = BatchStream(examples, global_batch, config.seed)
+        total = config.steps or stream.steps_for_epochs(config.epochs or 1.0)
+        warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total)
+        warmup = min(warmup, total)
+
+        _prepare_output_dir(out, config, resume_from is not None, ctx)
+        log_path = out / report.LOG_NAME
+        state = ckpt.TrainerState()
+        if resume_from is not None and saved_state is not None:
+            ckpt.load_optimizer(optimizer, names, ckpt.read_optimizer(resume_from),
+                                _json_groups(saved_state["optimizer_param_groups"]))
+            state = ckpt.TrainerState(**saved_state["state"])
+            if ctx.is_main:
+                report.truncate(log_path, state.step)
+            dist_util.barrier(ctx)
+            ckpt.restore_rng(*ckpt.read_rng(resume_from, ctx.rank))
         else:
-            raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
-        if hasattr(model, "config"):
-            model.config.use_cache = False
-
-    params, names = ckpt.named_trainables(model)
-    adapter_ids = {id(p) for p in api.adapter_parameters(model, name)}
-    stray = [names[id(p)] for p in params if id(p) not in adapter_ids]
-    if stray:
-        raise ValueError(f"parameters outside the adapter require grad: {stray[:5]}; only adapters are trained")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-
-    global_batch = config.batch_size * config.grad_accum * ctx.world_size
-    stream = BatchStream(examples, global_batch, config.seed)
-    total = config.steps or stream.steps_for_epochs(config.epochs or 1.0)
-    warmup = config.warmup_steps if config.warmup_steps is not None else round(0.05 * total)
-    warmup = min(warmup, total)
-
-    _prepare_output_dir(out, config, resume_from is not None, ctx)
-    log_path = out / report.LOG_NAME
-    state = ckpt.TrainerState()
-    if resume_from is not None and saved_state is not None:
-        ckpt.load_optimizer(optimizer, names, ckpt.read_optimizer(resume_from),
-                            _json_groups(saved_state["optimizer_param_groups"]))
-        state = ckpt.TrainerState(**saved_state["state"])
-        if ctx.is_main:
-            report.truncate(log_path, state.step)
-        dist_util.barrier(ctx)
-        ckpt.restore_rng(*ckpt.read_rng(resume_from, ctx.rank))
-    else:
-        torch.manual_seed(config.seed + 7919 * ctx.rank)  # dropout stream: per rank, fixed by the seed
+            torch.manual_seed(config.seed + 7919 * ctx.rank)  # dropout stream: per rank, fixed by the seed
+        if config.gradient_checkpointing:  # last: nothing after it can fail, so it never needs undoing
+            # transformers 5 renamed the method; non-reentrant checkpointing works with a frozen embedding.
+            kwargs = {"use_reentrant": False}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            else:
+                raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+            if hasattr(model, "config"):
+                model.config.use_cache = False
+    except BaseException:
+        undo(name)
+        raise
     n_trainable = sum(p.numel() for p in params)
     if ctx.is_main:
         log.info("training %s adapter %r: %d trainable parameters, %d examples, %d steps x %d examples",

@@ -244,3 +244,48 @@ def test_compose_adapts_exactly_the_source_modules_when_one_path_is_a_suffix_of_
     assert deltaw.state(model).adapters["combo"].modules == ("fc",)
     x = torch.randn(3, 16)
     torch.testing.assert_close(out(model, "combo", x), out(model, "a", x), rtol=1e-5, atol=1e-5)
+
+
+class _Suffixes(torch.nn.Module):
+    """16 -> 16 Linears at "fc", "sub.fc" and "other": the path "fc" is a dotted suffix of "sub.fc"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.sub, self.other = torch.nn.Linear(16, 16), torch.nn.Module(), torch.nn.Linear(16, 16)
+        self.sub.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.sub.fc(self.fc(x)))
+
+
+def test_composed_rank_pattern_keys_match_their_own_module_only(tmp_path):
+    """rank_pattern keys were escaped paths, but keys match as dotted suffixes ((.*\\.)?(key)$, PEFT's rule): the
+    key for "fc" (rank 4) also gave "sub.fc" (rank 2) rank 4, so compose failed and compose_dirs wrote a config
+    neither deltaw nor PEFT could load. Anchored keys give each module its own rank under both rules."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _Suffixes().eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2.0, target_modules=["fc", "sub.fc", "other"]), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2.0, target_modules="fc"), "b")  # regex: top-level fc only
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    x = torch.randn(3, 16)
+    want = out(model, W, x)
+    ranks = {"fc": 4, "sub.fc": 2, "other": 2}
+    report = compose(model, W, "linear", name="ab")
+    assert {p: report.config.rank_for(p) for p in ranks} == ranks
+    torch.testing.assert_close(out(model, "ab", x), want, atol=1e-5, rtol=1e-5)
+    deltaw.save(model, tmp_path / "a", "a")
+    deltaw.save(model, tmp_path / "b", "b")
+    report = compose_dirs({tmp_path / "a": W["a"], tmp_path / "b": W["b"]}, tmp_path / "ab")
+    assert {p: report.config.rank_for(p) for p in ranks} == ranks
+    torch.manual_seed(0)
+    fresh = _Suffixes().eval()  # the same base weights
+    deltaw.load(fresh, tmp_path / "ab", "ab")
+    torch.testing.assert_close(out(fresh, "ab", x), want, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    pm = peft.PeftModel.from_pretrained(_Suffixes().eval(), str(tmp_path / "ab")).eval()
+    inner = pm.base_model.model
+    assert {p: inner.get_submodule(p).lora_A["default"].weight.shape[0] for p in ranks} == ranks
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), want, atol=1e-5, rtol=1e-5)

@@ -229,15 +229,21 @@ def test_replace_switches_the_merged_adapter_in_place_and_exactly(dtype):
     assert all(torch.equal(v, w0[k]) for k, v in model.state_dict().items())
 
 
-def _a_merged_and_b_infinite_in_its_last_layer():
-    """"a" merged, "b" holding an inf in the layer merged last (so every other layer is rewritten first);
-    returns the model and its base weights."""
+def _llama_with_a_merged_and_b():
+    """A tiny Llama with two random all-linear adapters, "a" merged."""
     model = tiny_llama()
     deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "a")
     deltaw.attach(model, deltaw.LoraConfig(r=4, target_modules="all-linear"), "b")
     randomize(model, "a", seed=1)
     randomize(model, "b", seed=2)
     deltaw.merge(model, "a")
+    return model
+
+
+def _a_merged_and_b_infinite_in_its_last_layer():
+    """"a" merged, "b" holding an inf in the layer merged last (so every other layer is rewritten first);
+    returns the model and its base weights."""
+    model = _llama_with_a_merged_and_b()
     before = {k: v.clone() for k, v in model.state_dict().items() if "lora" not in k}
     with torch.no_grad():
         deltaw.state(model).layers[sorted(deltaw.state(model).layers)[-1]].lora_B["b"][0, 0] = float("inf")
@@ -432,3 +438,23 @@ def test_merge_refuses_an_embedding_with_max_norm():
     with pytest.raises(deltaw.MergeError, match="max_norm"):
         deltaw.merge(model, "a")
     assert deltaw.merged(model) == () and torch.equal(model[0].base_layer.weight, before)
+
+
+def test_kept_memory_is_not_written_while_something_else_still_uses_it():
+    """unmerge kept the merged weight's memory and the next merge wrote into it even when a state_dict() taken
+    while merged (or a .detach() of the weight) still shared it: the snapshot silently became another adapter's
+    merge. Such memory is dropped instead; with nothing else holding it, it is still reused."""
+    model = _llama_with_a_merged_and_b()
+    snapshot = model.state_dict()
+    detached = model.model.layers[0].self_attn.q_proj.weight.detach()
+    expected = {k: v.clone() for k, v in snapshot.items()}
+    expected_detached = detached.clone()
+    deltaw.unmerge(model)
+    deltaw.merge(model, "b")
+    assert all(torch.equal(v, expected[k]) for k, v in snapshot.items())
+    assert torch.equal(detached, expected_detached)
+    merged_b = _base_ptrs(model)
+    deltaw.unmerge(model)  # nothing outside holds the b-merged weights: their memory serves the next merge
+    deltaw.merge(model, "a")
+    assert _base_ptrs(model) == merged_b
+    assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())

@@ -206,3 +206,39 @@ def test_seq_len_beyond_the_model_context_is_refused(tmp_path, text_file):
     with pytest.raises(ValueError, match="exceeds the model's context of 512"):
         run(tmp_path, text_file, seq_len=1024)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_model_comes_back_as_it_was_passed_in(tmp_path, text_file, monkeypatch):
+    """train(model=...) on a model whose other adapter was still trainable was refused only after attaching its
+    own adapter and activating it: the model kept both, and a retry failed on the name. Any error before training
+    starts now takes the new adapter out again."""
+    from deltaw.train import loop
+
+    settings = dict(output_dir=str(tmp_path / "run"), data=str(text_file), steps=2, batch_size=2, seq_len=32,
+                    targets="v_proj", r=2, progress=False)
+    model, tok = tiny_models.tiny_llama()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["q_proj"]), "old")
+    with pytest.raises(ValueError, match="outside the adapter require grad"):
+        train(TrainConfig(**settings), model=model, tokenizer=tok)
+    assert deltaw.adapters(model) == ["old"] and deltaw.active(model) == (("old", 1.0),)
+    assert not (tmp_path / "run").exists()
+
+    # A model without adapters gets its plain modules and requires_grad flags back (a failure after attaching).
+    plain, _ = tiny_models.tiny_llama()
+    modules = [n for n, _ in plain.named_modules()]
+    flags = {n: p.requires_grad for n, p in plain.named_parameters()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "_prepare_output_dir", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            train(TrainConfig(**settings), model=plain, tokenizer=tok)
+    assert deltaw.adapters(plain) == [] and not any(isinstance(m, deltaw.layers.LoraLayer) for m in plain.modules())
+    assert [n for n, _ in plain.named_modules()] == modules
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+
+    deltaw.set_trainable(model, None)  # the cause fixed, a retry trains
+    train(TrainConfig(**settings), model=model, tokenizer=tok)
+    assert deltaw.adapters(model) == ["old", "default"]
