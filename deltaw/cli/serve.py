@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -25,10 +26,20 @@ def _parse_bytes(text: str) -> int:
     try:
         value = float(s) * scale
     except ValueError:
-        raise typer.BadParameter(f"not a byte size: {text!r} (e.g. 268435456, 256MiB, 1G)") from None
+        value = math.nan
+    if not math.isfinite(value):  # inf, nan, 1e400: int() would raise OverflowError / ValueError
+        raise typer.BadParameter(f"not a byte size: {text!r} (a finite number, e.g. 268435456, 256MiB, 1G)")
     if value < 0:
         raise typer.BadParameter("a byte size cannot be negative")
     return int(value)
+
+
+def _byte_option(option: str, text: str) -> int:
+    """``_parse_bytes`` for a named option; a bad value is a ValueError naming it (one ``error:`` line, exit 2)."""
+    try:
+        return _parse_bytes(text)
+    except typer.BadParameter as exc:
+        raise ValueError(f"{option}: {exc.message}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -57,7 +68,8 @@ def serve_cmd(
     max_prefill_tokens: int = typer.Option(4096, help="Prompt tokens admitted into one prefill."),
     max_queue: int = typer.Option(1024, help="Queued sequences before 429."),
     batch_policy: str = typer.Option("mixed", help="mixed (any adapters per batch) | same-adapter (baseline)."),
-    row_strategy: str = typer.Option("auto", help="deltaw.batching kernel: auto, dense, grouped, rowwise, ..."),
+    row_strategy: str = typer.Option("auto", help="deltaw.batching kernel: auto, reference, uniform, native, dense, "
+                                                  "grouped or rowwise."),
     max_adapter_memory: str = typer.Option("1GiB", help="Budget for resident adapter tensors (LRU beyond it)."),
     max_tokens: int = typer.Option(1024, "--max-tokens", help="Largest max_tokens a request may ask for."),
     max_prompt_tokens: int = typer.Option(2048, help="Longest prompt, in tokens."),
@@ -82,14 +94,15 @@ def serve_cmd(
         log.warning("serving on %s without an API key: anyone who can reach it can use and load adapters", host)
     if threads:
         torch.set_num_threads(threads)
-    try:
+    # A bad setting (an unknown --row-strategy or --batch-policy, a limit < 1, a byte size that is not one) is
+    # refused here, before the model is loaded: one ``error:`` line, exit 2 (deltaw.cli.errors).
+    with cli_errors():
         settings = ServeSettings(
             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_prefill_tokens=max_prefill_tokens,
             max_queue=max_queue, batch_policy=batch_policy, row_strategy=row_strategy,
-            max_adapter_memory=_parse_bytes(max_adapter_memory), max_tokens_limit=max_tokens,
-            max_prompt_tokens=max_prompt_tokens, max_body_bytes=_parse_bytes(max_body_bytes), api_key=key)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+            max_adapter_memory=_byte_option("--max-adapter-memory", max_adapter_memory), max_tokens_limit=max_tokens,
+            max_prompt_tokens=max_prompt_tokens, max_body_bytes=_byte_option("--max-body-bytes", max_body_bytes),
+            api_key=key)
     # Loading is where a wrong --base, --kind or --device shows up (a missing folder, an unreadable .gguf, a
     # model of an unsupported kind); the server loop below stays outside, so a bug while serving keeps its trace.
     with cli_errors():

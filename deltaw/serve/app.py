@@ -262,9 +262,14 @@ def create_app(server: DeltawServer) -> FastAPI:
     async def read_json(request: Request) -> dict[str, Any]:
         raw = await request.body()
         try:
-            return P.require_object(json.loads(raw))
+            body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise bad_request("the request body is not valid JSON") from None
+        except RecursionError:  # well under --max-body-bytes: "[" * 100_000
+            raise bad_request("the request body is nested too deeply to parse") from None
+        except ValueError:  # an integer literal over Python's 4300-digit conversion limit
+            raise bad_request("the request body holds a number too long to parse") from None
+        return P.require_object(body)  # also: every string must be valid Unicode (400 naming the parameter)
 
     # ---- model resolution and tokenisation -------------------------------------------------------------------
     def resolve(model: str) -> str | None:
@@ -328,7 +333,8 @@ def create_app(server: DeltawServer) -> FastAPI:
                           temperature=params.temperature, top_p=params.top_p, seed=seed, label=params.model)
                 choices.append(Choice(index, seq, P.IncrementalText(tokenizer), P.StopMatcher(params.stop),
                                       incremental=params.stream or bool(params.stop)))
-        server.scheduler.submit([c.seq for c in choices])
+        # Too many sequences for the queue ever to hold: a 400 naming n (or the prompts, when n is 1).
+        server.scheduler.submit([c.seq for c in choices], param="n" if params.n > 1 or len(prompts) == 1 else "prompt")
         prompt_tokens = sum(len(ids) for ids in prompts)
         rid = P.new_id("chatcmpl" if chat else "cmpl")
         created = P.now()
@@ -495,7 +501,7 @@ def create_app(server: DeltawServer) -> FastAPI:
         ids_list = [tokenize(x, "input") for x in inputs]
         run = Run(asyncio.get_running_loop())
         jobs = [EmbedJob(ids=ids, adapter=adapter, emit=run.emitter(i), label=model) for i, ids in enumerate(ids_list)]
-        server.scheduler.submit(jobs)
+        server.scheduler.submit(jobs, param="input")
         vectors: dict[int, list[float]] = {}
         done: set[int] = set()
         try:

@@ -64,6 +64,7 @@ class Seq:
     t_submit: float = field(default_factory=time.monotonic)
     t_first: float | None = None
     generator: torch.Generator | None = None
+    error: APIError | None = None  # set when this row alone failed (e.g. its sampling); reaped between steps
 
     @property
     def length(self) -> int:
@@ -240,30 +241,51 @@ class DecodeBatch:
             layer.values = torch.cat([v.new_zeros(v.shape[0], v.shape[1], n, v.shape[3]), v], dim=2)
 
 
-def choose_tokens(logits: torch.Tensor, seqs: Sequence[Seq]) -> list[int]:
+def choose_tokens(logits: torch.Tensor, seqs: Sequence[Seq]) -> list[int | Exception]:
     """Greedy rows: argmax (what ``generate(do_sample=False)`` does). Sampling rows: temperature + top-p with the
-    sequence's own generator, so a seeded request is reproducible whatever it is batched with."""
+    sequence's own generator, so a seeded request is reproducible whatever it is batched with.
+
+    Rows are independent: a row whose sampling fails (non-finite logits) gets its exception in its place in the
+    returned list, and every other row still gets its token."""
     greedy = logits.argmax(dim=-1).tolist()
-    out: list[int] = []
-    for i, s in enumerate(seqs):
-        if s.temperature <= 0.0:
-            out.append(int(greedy[i]))
-            continue
-        probs = torch.softmax(logits[i].float() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            cumulative = sorted_p.cumsum(0)
-            cut = cumulative - sorted_p > s.top_p  # drop tokens once the mass before them exceeds top_p
-            sorted_p[cut] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        if s.generator is None:
-            s.generator = torch.Generator(device="cpu")
-            if s.seed is not None:
-                s.generator.manual_seed(s.seed)
-            else:
-                s.generator.seed()
-        out.append(int(torch.multinomial(probs.cpu(), 1, generator=s.generator).item()))
+    sampled = [i for i, s in enumerate(seqs) if s.temperature > 0.0]
+    # One device-to-host copy for all sampling rows; float32 first (bf16/fp16 logits), float64 in sample_token.
+    host = logits[sampled].float().cpu() if sampled else None
+    out: list[int | Exception] = [int(g) for g in greedy]
+    for j, i in enumerate(sampled):
+        try:
+            out[i] = sample_token(host[j], seqs[i])  # type: ignore[index]
+        except Exception as exc:  # this row only: its neighbours' tokens are unaffected
+            out[i] = exc
     return out
+
+
+def sample_token(logits: torch.Tensor, s: Seq) -> int:
+    """Sample one token from a row of logits at ``s.temperature`` (> 0) and ``s.top_p`` with ``s``'s generator.
+
+    Numerically safe for any positive temperature: the max logit is subtracted before dividing, so every scaled
+    logit is <= 0 (the max is exactly 0, exp cannot overflow and the softmax sum is >= 1), and the division runs in
+    float64 (no overflow to inf for temperatures down to the smallest double). A temperature far below the gaps
+    between the top logits therefore picks the argmax, as greedy does (at random among exact ties). Only
+    non-finite logits (NaN, +inf) cannot be sampled: ValueError."""
+    x = logits.detach().to(device="cpu", dtype=torch.float64)
+    top = x.max()
+    if not torch.isfinite(top) or torch.isnan(x).any():
+        raise ValueError("the model's logits for this sequence are not finite (NaN or +inf); cannot sample")
+    probs = torch.softmax((x - top) / s.temperature, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cumulative = sorted_p.cumsum(0)
+        cut = cumulative - sorted_p > s.top_p  # drop tokens once the mass before them exceeds top_p
+        sorted_p[cut] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if s.generator is None:
+        s.generator = torch.Generator(device="cpu")
+        if s.seed is not None:
+            s.generator.manual_seed(s.seed)
+        else:
+            s.generator.seed()
+    return int(torch.multinomial(probs, 1, generator=s.generator).item())
 
 
 def embed(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, specs: Sequence[str | None],

@@ -50,9 +50,62 @@ def now() -> int:
 
 
 def require_object(body: Any) -> dict[str, Any]:
+    """The parsed body of any route: a JSON object whose strings are all valid Unicode (``check_text``)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    check_text(body)
     return body
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _path(node: tuple | None) -> str:
+    """'messages[0].content' from the (parent, key) chain ``check_text`` builds."""
+    keys: list[str | int] = []
+    while node is not None:
+        node, key = node
+        keys.append(key)
+    parts = [f"[{k}]" if isinstance(k, int) else (k if i == 0 else f".{k}") for i, k in enumerate(reversed(keys))]
+    text = "".join(parts[:8]) + ("..." if len(parts) > 8 else "")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_text(body: dict[str, Any]) -> None:
+    """A 400 naming the parameter when a string anywhere in the body (a key or a value, at any depth) cannot be
+    encoded as UTF-8, i.e. holds a lone UTF-16 surrogate: JSON allows "\\ud800", Python's json module decodes it
+    to an unpaired surrogate, and tokenizers (and the UTF-8 response encoder) raise on it. Checked once here, for
+    every route, rather than wherever a string is used. Iterative: the parser already bounds the depth, but a
+    walk must not hit the recursion limit either."""
+    from collections import deque
+
+    pending: deque[tuple[Any, tuple | None]] = deque()
+    for key, value in body.items():
+        if _unencodable(key):
+            raise bad_request("the request body has a key that is not valid Unicode (a lone UTF-16 surrogate such "
+                              "as \\ud800): it cannot be encoded as UTF-8")
+        pending.append((value, (None, key)))
+    while pending:
+        value, node = pending.popleft()
+        if isinstance(value, str):
+            if _unencodable(value):
+                where = _path(node)
+                raise bad_request(f"'{where}' holds a string that is not valid Unicode (a lone UTF-16 surrogate such "
+                                  "as \\ud800): it cannot be encoded as UTF-8", param=where)
+        elif isinstance(value, list):
+            pending.extend((v, (node, i)) for i, v in enumerate(value) if isinstance(v, (str, list, dict)))
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                if _unencodable(key):
+                    where = _path(node)
+                    raise bad_request(f"'{where}' has a key that is not valid Unicode (a lone UTF-16 surrogate "
+                                      "such as \\ud800): it cannot be encoded as UTF-8", param=where)
+                pending.append((v, (node, key)))
 
 
 def get_model(body: dict[str, Any]) -> str:
@@ -96,6 +149,12 @@ def refuse_unsupported(body: dict[str, Any], *, embeddings: bool = False) -> Non
                       param=refused[0], code="unsupported_parameter")
 
 
+# The smallest positive temperature accepted: float32's smallest normal number (torch.finfo(torch.float32).tiny).
+# Below it a temperature is not even representable in the precision models compute logits in, so it is refused
+# ("use 0 for greedy") rather than guessed at. Every accepted temperature samples safely (engine.sample_token
+# divides max-subtracted logits in float64); tiny ones pick the argmax, as greedy does.
+MIN_TEMPERATURE = 1.1754943508222875e-38
+
 # Matching a stop string costs O(len²) per generated token (StopMatcher.safe_end), run on the event loop.
 MAX_STOP_CHARS = 1000
 
@@ -108,6 +167,9 @@ def gen_params(body: dict[str, Any], *, default_max_tokens: int | None, max_toke
     max_tokens = _number(body, key, default_max_tokens if default_max_tokens is not None else max_tokens_limit,
                          1, max_tokens_limit, integer=True)
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
+    if 0.0 < temperature < MIN_TEMPERATURE:
+        raise bad_request(f"'temperature' must be 0 (greedy) or at least {MIN_TEMPERATURE:.3g} (the smallest normal "
+                          f"float32), got {temperature!r}", param="temperature")
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0))
     if top_p <= 0.0:
         raise bad_request("'top_p' must be greater than 0", param="top_p")

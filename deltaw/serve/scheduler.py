@@ -13,9 +13,10 @@ Loop (one iteration = one model step):
 5. reap rows that finished (EOS, max_tokens, context full) or were cancelled (client gone, stop string), release
    their adapter references (an adapter being unloaded is deleted when its last reference goes).
 
-A failure inside a forward fails only the sequences of that forward (500), and the loop continues; a failing
-adapter load fails only the sequences that named it (422). ``batch_policy="same-adapter"`` restricts a batch to
-one adapter (the usual LoRA-server approach), kept as the baseline the load benchmark compares against.
+A failure inside a forward fails only the sequences of that forward (500), and the loop continues; a failure to
+sample one row's token fails only that row; a failing adapter load fails only the sequences that named it (422).
+``batch_policy="same-adapter"`` restricts a batch to one adapter (the usual LoRA-server approach), kept as the
+baseline the load benchmark compares against.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 
 from .adapters import AdapterStore, Wait
 from .engine import DecodeBatch, Seq, choose_tokens, embed
-from .errors import APIError, adapter_load_failed, overloaded, server_error
+from .errors import APIError, adapter_load_failed, bad_request, overloaded, server_error
 from .metrics import Metrics
 from .settings import ServeSettings
 
@@ -88,8 +89,16 @@ class Scheduler:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, items: Sequence[Seq | EmbedJob]) -> None:
-        """Queue sequences (all or none: a request never half-enters)."""
+    def submit(self, items: Sequence[Seq | EmbedJob], param: str = "n") -> None:
+        """Queue sequences (all or none: a request never half-enters).
+
+        A request holding more sequences than the queue can ever hold is a 400 naming ``param`` (retrying it, as
+        SDKs do on 429, could never succeed); one that does not fit *now* is a 429 (retry later)."""
+        limit = self.settings.max_queue
+        if len(items) > limit:
+            what = "inputs" if param == "input" else "sequences (prompts x n)"
+            raise bad_request(f"this request holds {len(items)} {what}; this server queues at most {limit} "
+                              "(--max-queue), so it can never be accepted: send fewer", param=param)
         with self._cond:
             if self._stop:
                 raise overloaded("the server is shutting down", code="shutting_down")
@@ -248,11 +257,19 @@ class Scheduler:
 
     def _prefill(self, seqs: list[Seq]) -> None:
         """Prefill and join ``seqs``. If the batched prefill fails, each sequence is retried alone (a prefill
-        works on a fresh cache, so this is safe), so that only the sequence that really fails gets the error."""
+        works on a fresh cache, so this is safe), so that only the sequence that really fails gets the error; each
+        sequence's sampling generator is first put back as it was, so that a seeded sequence draws the same
+        tokens as if the failed attempt had never happened. A row whose sampling alone fails is failed alone."""
+        generators = [(s, None if s.generator is None else s.generator.get_state()) for s in seqs]
         try:
             logits, cache = self.batch.prefill(seqs)
             tokens = choose_tokens(logits, seqs)
         except Exception as exc:
+            for s, state in generators:  # the failed attempt may have drawn from them already
+                if state is None:
+                    s.generator = None
+                else:
+                    s.generator.set_state(state)  # type: ignore[union-attr]
             if len(seqs) > 1:
                 log.warning("prefill of %d sequences failed (%s); retrying them one by one", len(seqs), exc)
                 for s in seqs:
@@ -265,6 +282,9 @@ class Scheduler:
         self.metrics.prompt_tokens.inc(sum(len(s.prompt) for s in seqs))
         now = time.monotonic()
         for s, t in zip(seqs, tokens):
+            if isinstance(t, Exception):
+                self._row_failed(s, t)  # joined with the others, then reaped below: its row leaves the cache
+                continue
             s.t_first = now
             self.metrics.ttft.observe(now - s.t_submit)
             self._accept(s, t)
@@ -285,7 +305,7 @@ class Scheduler:
         try:
             logits = self.batch.decode()
             tokens = choose_tokens(logits, rows)
-        except Exception as exc:
+        except Exception as exc:  # the shared forward failed: the cache cannot be trusted, every row fails
             log.exception("decode step over %d rows failed", len(rows))
             self._fail_running(exc if isinstance(exc, APIError) else server_error(f"decode failed: {exc}"))
             return
@@ -294,8 +314,17 @@ class Scheduler:
         self.metrics.batch_rows.observe(len(rows))
         self.metrics.batch_adapters.observe(len({s.adapter for s in rows}))
         for s, t in zip(rows, tokens):
-            self._accept(s, t)
+            if isinstance(t, Exception):
+                self._row_failed(s, t)  # this row only; the others keep their token and their cache rows
+            else:
+                self._accept(s, t)
         self._reap()
+
+    @staticmethod
+    def _row_failed(s: Seq, exc: Exception) -> None:
+        """Mark one row failed (its sampling raised); ``_reap`` answers it and drops its row from the cache."""
+        log.error("sampling failed for one sequence (model %r): %s", s.label, exc)
+        s.error = exc if isinstance(exc, APIError) else server_error(f"sampling failed: {exc}")
 
     def _accept(self, s: Seq, token: int) -> None:
         """Record a chosen token: EOS finishes without being emitted; max_tokens / context length finish after."""
@@ -313,7 +342,9 @@ class Scheduler:
     def _reap(self) -> None:
         keep: list[int] = []
         for i, s in enumerate(self.batch.rows):
-            if s.finished is not None or s.cancelled:
+            if s.error is not None:
+                self._finish(s, error=s.error)
+            elif s.finished is not None or s.cancelled:
                 self._finish(s, reason=s.finished or "cancelled")
             else:
                 keep.append(i)

@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import AdapterStore
 from .app import create_app
+from .errors import bad_request, server_error
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .settings import ServeSettings
@@ -83,10 +84,18 @@ class DeltawServer:
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of the conversation with the assistant's turn opened (the tokenizer's chat template, or a
-        plain 'role: content' transcript when it has none)."""
+        plain 'role: content' transcript when it has none). A template that refuses the conversation (its
+        ``raise_exception(...)``, e.g. "System role not supported") is a 400 on ``messages`` with its message."""
+        from jinja2 import TemplateError, TemplateSyntaxError
+
         template = None if getattr(self.tokenizer, "chat_template", None) else FALLBACK_CHAT_TEMPLATE
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 chat_template=template)
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     chat_template=template)
+        except TemplateSyntaxError as exc:  # the server's template is broken: every request would fail
+            raise server_error(f"the model's chat template is invalid: {exc}", code="invalid_chat_template") from None
+        except TemplateError as exc:  # raise_exception(...) in the template: it refuses this conversation
+            raise bad_request(f"the model's chat template refused these messages: {exc}", param="messages") from None
         if hasattr(ids, "keys") and "input_ids" in ids:  # transformers 5 may answer with a BatchEncoding
             ids = ids["input_ids"]
         return [int(t) for t in ids]

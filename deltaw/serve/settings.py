@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deltaw.batching import STRATEGIES
+
 POLICIES = ("mixed", "same-adapter")
 
 
@@ -18,9 +20,9 @@ class ServeSettings:
     max_batch_size: int = 32  # sequences decoded together in one step
     max_wait_ms: float = 5.0  # an idle server waits this long for more requests to fill its first batch
     max_prefill_tokens: int = 4096  # prompt tokens admitted into one prefill forward (at least one sequence)
-    max_queue: int = 1024  # queued sequences before new requests get 503
+    max_queue: int = 1024  # queued sequences before new requests get 429 (a request holding more: 400)
     batch_policy: str = "mixed"
-    row_strategy: str = "auto"  # deltaw.batching kernel choice
+    row_strategy: str = "auto"  # deltaw.batching kernel choice, one of deltaw.batching.STRATEGIES
     max_adapter_memory: int = 1 << 30  # bytes of adapter tensors kept resident (LRU beyond that)
     max_tokens_limit: int = 1024  # largest max_tokens a request may ask for
     default_max_tokens: int = 16  # OpenAI's legacy completions default
@@ -35,6 +37,8 @@ class ServeSettings:
     def __post_init__(self) -> None:
         if self.batch_policy not in POLICIES:
             raise ValueError(f"batch_policy must be one of {POLICIES}, got {self.batch_policy!r}")
+        if self.row_strategy not in STRATEGIES:  # else every request touching an adapter would fail with a 500
+            raise ValueError(f"row_strategy must be one of {', '.join(STRATEGIES)}, got {self.row_strategy!r}")
         for field in ("max_batch_size", "max_prefill_tokens", "max_queue", "max_tokens_limit", "default_max_tokens",
                       "max_prompt_tokens", "max_body_bytes", "max_n", "max_prompts"):
             if getattr(self, field) < 1:

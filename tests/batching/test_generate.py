@@ -84,3 +84,22 @@ def test_generate_with_tokenizer_left_pads_prompts_of_different_lengths(model):
     assert tok.padding_side == "right", "the tokenizer's own padding side must be restored"
     with pytest.raises(ValueError, match="one prompt per adapter"):
         generate(model, tok, adapters=rows, prompts=prompts[:2])
+
+
+def test_generate_needs_exactly_one_spec_per_input_row(model):
+    """4 prompts with adapters ["tech", "sport"] ran silently, per_row reading them as 2 entries per spec (its
+    beam layout): prompt 1 was generated with "tech". The tensor and mapping forms now refuse a count mismatch, as
+    the tokenizer form did, with messages of the same shape (both counts)."""
+    ids = torch.randint(1, 64, (4, 5), generator=torch.Generator().manual_seed(7))
+    with pytest.raises(ValueError, match="one input row per adapter spec: got 4 input rows for 2 adapter specs"):
+        generate(model, ids, ["tech", "sport"], **GEN)
+    with pytest.raises(ValueError, match="got 4 input rows for 8 adapter specs"):
+        generate(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ["tech"] * 8, **GEN)
+    with pytest.raises(ValueError, match="not a single str"):
+        generate(model, ids[:2], "ab", **GEN)  # a str is a sequence of two one-letter "specs"
+    with pytest.raises(ValueError, match="one prompt per adapter spec: got 2 prompts for 4 adapter specs"):
+        generate(model, _word_tokenizer(), adapters=ROWS[:4], prompts=["w1", "w2"])
+    assert deltaw.state(model).rows is None  # refused before per_row opened
+    # beams / num_return_sequences expand rows inside model.generate: one spec per *input* row is still right
+    got = generate(model, ids[:2], ["tech", None], num_beams=2, num_return_sequences=2, **GEN)
+    assert got.shape[0] == 4

@@ -173,3 +173,150 @@ def test_openai_client(served, offline):
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat.choices[0].message.content
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="w1", max_tokens=2)
+
+
+# ---- sampling: numerically safe for every accepted temperature, failures isolated per row ----------------------
+def _in_order(url: str, bodies: list[dict], gap: float = 0.05) -> list[httpx.Response]:
+    """POST the bodies ``gap`` seconds apart (so they are admitted in this order, into one batch when the server's
+    max_wait_ms is longer than the gaps) and return the responses in the same order."""
+    import asyncio
+
+    async def main() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            tasks = []
+            for body in bodies:
+                tasks.append(asyncio.create_task(client.post(f"{url}/v1/completions", json=body)))
+                await asyncio.sleep(gap)
+            return list(await asyncio.gather(*tasks))
+
+    return asyncio.run(main())
+
+
+def test_sampling_is_safe_at_any_positive_temperature():
+    """logits / 4e-39 overflowed float32 to inf (1e-45 always did): softmax gave NaN and torch.multinomial raised,
+    a 500 for the request at prefill and, at a decode step, for every row of the batch. Scaled max-subtracted logits
+    in float64 cannot overflow: a tiny temperature picks the argmax, as greedy does."""
+    import torch
+
+    from deltaw.serve.engine import Seq, choose_tokens
+
+    logits = torch.tensor([[0.3, 1.78, -0.5, 1.7], [-2.0, 0.1, 3.5, 3.4]])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for t in (1e-45, 4e-39, 1e-38, 1e-30, 1e-6):
+            seqs = [Seq([1], None, 4, lambda e: None, temperature=t, seed=s) for s in (1, 2)]
+            assert choose_tokens(logits.to(dtype), seqs) == [1, 2], (dtype, t)
+    hot = Seq([1], None, 4, lambda e: None, temperature=0.5, seed=3)  # 3e38 / 0.5 overflowed float32 too
+    assert choose_tokens(torch.tensor([[1e30, -1e30, 3e38]]), [hot]) == [2]
+
+
+def test_a_row_whose_sampling_fails_does_not_fail_its_neighbours():
+    import torch
+
+    from deltaw.serve.engine import Seq, choose_tokens
+
+    logits = torch.tensor([[0.0, 2.0, 1.0], [float("nan"), 1.0, 0.0], [5.0, 0.0, 0.0], [float("inf"), 0.0, 0.0]])
+    seqs = [Seq([1], None, 4, lambda e: None, temperature=t, seed=0) for t in (0.0, 1.0, 1e-3, 1.0)]
+    out = choose_tokens(logits, seqs)
+    assert out[0] == 1 and out[2] == 0
+    assert isinstance(out[1], ValueError) and "not finite" in str(out[1])
+    assert isinstance(out[3], ValueError)
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone_and_seeded_neighbours_are_unchanged(tokenizer, offline):
+    """A row whose sampling fails at a decode step failed every running row (an unrelated greedy request got a
+    500); at prefill it sent the batch into the one-by-one retry with the neighbours' generators already advanced,
+    so a seeded request answered differently than alone. Non-finite logits are injected for the rows seeded 666."""
+    server, thread, url = start_server(None, tokenizer, max_batch_size=8, max_tokens_limit=32, max_wait_ms=300)
+    batch = server.scheduler.batch
+    real_prefill, real_decode = batch.prefill, batch.decode
+    poison = {"prefill": False, "decode": False}
+    mixed = []
+
+    def spoil(logits, seqs, where):
+        if not poison[where] or not any(s.seed == 666 for s in seqs):
+            return logits
+        mixed.append((where, len(seqs)))
+        logits = logits.clone()
+        for i, s in enumerate(seqs):
+            if s.seed == 666:
+                logits[i] = float("nan")
+        return logits
+
+    def prefill(seqs):
+        logits, cache = real_prefill(seqs)
+        return spoil(logits, seqs, "prefill"), cache
+
+    batch.prefill = prefill
+    batch.decode = lambda: spoil(real_decode(), batch.rows, "decode")
+    try:
+        victim = {"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 20, "temperature": 0}
+        bad = {"model": "tiny", "prompt": "w49", "max_tokens": 8, "temperature": 1.0, "seed": 666}
+        poison["decode"] = True
+        r_victim, r_bad = _in_order(url, [victim, bad])
+        assert r_victim.status_code == 200, r_victim.text
+        assert r_victim.json()["choices"][0]["text"] == offline.text("w1 w2 w3", None, 20)
+        assert r_bad.status_code == 500 and "not finite" in r_bad.json()["error"]["message"]
+        assert ("decode", 2) in mixed, mixed  # the failing row really shared a decode step with the victim
+
+        poison["decode"], poison["prefill"] = False, True
+        seeded = {"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 8, "temperature": 1.0, "seed": 7}
+        alone = httpx.post(f"{url}/v1/completions", json=seeded, timeout=60).json()["choices"][0]["text"]
+        r_seeded, r_bad = _in_order(url, [seeded, bad])  # the seeded row samples first, then its neighbour fails
+        assert ("prefill", 2) in mixed, mixed
+        assert r_seeded.status_code == 200 and r_seeded.json()["choices"][0]["text"] == alone
+        assert r_bad.status_code == 500
+        assert server.scheduler.alive
+    finally:
+        thread.stop()
+
+
+def test_a_retried_prefill_restores_each_sequences_generator(tokenizer, monkeypatch):
+    """When a batched prefill fails after its rows sampled their first tokens, every sequence is retried alone:
+    its generator must be put back first, or a seeded request answers differently than alone."""
+    import deltaw.serve.scheduler as scheduler_module
+
+    server, thread, url = start_server(None, tokenizer, max_batch_size=8, max_tokens_limit=32, max_wait_ms=300)
+    real = scheduler_module.choose_tokens
+    batched = []
+
+    def fails_when_batched(logits, seqs):
+        out = real(logits, seqs)  # the generators have drawn by now
+        if len(seqs) > 1 and not batched:
+            batched.append(len(seqs))
+            raise RuntimeError("simulated failure after sampling")
+        return out
+
+    try:
+        seeded = {"model": "tiny", "prompt": "w1 w2 w3", "max_tokens": 8, "temperature": 1.0, "seed": 11}
+        greedy = {"model": "tiny", "prompt": "w4", "max_tokens": 8, "temperature": 0}
+        alone = httpx.post(f"{url}/v1/completions", json=seeded, timeout=60).json()["choices"][0]["text"]
+        monkeypatch.setattr(scheduler_module, "choose_tokens", fails_when_batched)
+        r_seeded, r_greedy = _in_order(url, [seeded, greedy])
+        assert batched == [2]
+        assert r_seeded.status_code == 200 and r_greedy.status_code == 200, (r_seeded.text, r_greedy.text)
+        assert r_seeded.json()["choices"][0]["text"] == alone
+    finally:
+        thread.stop()
+
+
+def test_chat_template_refusing_the_conversation_is_a_400():
+    """raise_exception(...) in a chat template ("System role not supported", "roles must alternate") escaped as
+    jinja2's TemplateError: a 500 internal error instead of a 400 on 'messages' saying why."""
+    from serve_helpers import make_tokenizer
+
+    tok = make_tokenizer()
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}assistant{% endif %}")
+    server, thread, url = start_server(None, tok, max_batch_size=4, max_tokens_limit=8)
+    try:
+        body = {"model": "tiny", "max_tokens": 3, "temperature": 0, "messages": [{"role": "user", "content": "w1"}]}
+        assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+        body["messages"].insert(0, {"role": "system", "content": "w3"})
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == "messages"
+        assert "System role not supported" in error["message"]
+    finally:
+        thread.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -62,6 +63,11 @@ LIMITS = [
     ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": -(2**63) - 1}, 400, None, "seed"),
     ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": 2**63 - 1, "n": 3}, 200, None, None),
     ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "seed": -1, "n": 3}, 200, None, None),
+    # logits / 4e-39 overflowed float32 (1e-45 always): NaN softmax, a 500 -- and at a decode step, for every row.
+    # Temperatures below float32's smallest normal are refused; every accepted one samples safely.
+    ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "temperature": 4e-39}, 400, None, "temperature"),
+    ({"model": "tiny", "prompt": "w1", "max_tokens": 2, "temperature": 1e-45}, 400, None, "temperature"),
+    ({"model": "a0", "prompt": "w1 w2", "max_tokens": 8, "temperature": 1.2e-38, "seed": 3}, 200, None, None),
 ]
 
 
@@ -173,6 +179,10 @@ def test_embeddings_per_adapter(tmp_path, tokenizer):
         assert isinstance(r.json()["data"][0]["embedding"], str)
         assert_openai_error(httpx.post(f"{url}/v1/completions", json={"model": "e0", "prompt": "w1"}), 400,
                             "unsupported_endpoint")
+        # A lone surrogate made the fast tokenizer raise TypeError: a 500 instead of a 400 naming the input.
+        r = httpx.post(f"{url}/v1/embeddings", content=json.dumps({"model": "e0", "input": ["w1", "\ud800"]}),
+                       headers={"content-type": "application/json"}, timeout=30)
+        assert_openai_error(r, 400, param="input[1]")
         openai = pytest.importorskip("openai")
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
         emb = client.embeddings.create(model="e1", input=texts)  # the SDK asks for base64 and decodes it
@@ -245,3 +255,57 @@ def test_client_gone_while_sending_its_body_is_not_counted_as_a_server_error():
     asyncio.run(GuardMiddleware(never, server)(scope, receive, never))
     assert server.metrics.requests.value(endpoint="/v1/completions", status="500") == 0
     assert server.metrics.requests.value(endpoint="/v1/completions", status="499") == 1
+
+
+def test_malformed_bodies_are_a_400_not_a_500(served):
+    """JSON nested past the parser's recursion limit (RecursionError), an integer literal over Python's 4300-digit
+    limit (ValueError) and strings holding a lone surrogate ("\\ud800" is valid JSON; the fast tokenizer raises
+    TypeError on it) were answered 500 "internal error" -- which OpenAI SDKs retry -- instead of a 400."""
+    _, url = served
+
+    def post(path: str, raw: bytes) -> httpx.Response:
+        return httpx.post(f"{url}{path}", content=raw, headers={"content-type": "application/json"}, timeout=60)
+
+    assert_openai_error(post("/v1/completions", b"[" * 100_000), 400)
+    nested = b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    assert_openai_error(post("/v1/completions", nested), 400)
+    huge = b'{"model": "tiny", "prompt": "w1", "max_tokens": 1' + b"0" * 5000 + b"}"
+    assert_openai_error(post("/v1/completions", huge), 400)
+    cases = [
+        ("/v1/completions", {"model": "tiny", "prompt": "\ud800 w1"}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["w1", "w2 \udfff"]}, "prompt[1]"),
+        ("/v1/completions", {"model": "tiny", "prompt": "w1", "stop": ["x", "\ud800"]}, "stop[1]"),
+        ("/v1/completions", {"model": "\ud800", "prompt": "w1"}, "model"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "\udfff"}]},
+         "messages[0].content"),
+        ("/v1/chat/completions", {"model": "tiny", "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "w1"}, {"type": "text", "text": "\ud800"}]}]},
+         "messages[0].content[1].text"),
+        ("/v1/adapters", {"name": "\ud800"}, "name"),
+    ]
+    for path, body, param in cases:
+        r = post(path, json.dumps(body).encode())
+        assert_openai_error(r, 400, param=param)
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    r = post("/v1/completions", json.dumps({"model": "tiny", "prompt": "w1 \ud83d\ude00", "max_tokens": 2}).encode())
+    assert r.status_code == 200, r.text  # a surrogate *pair* is an ordinary (escaped) character
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_429(tokenizer):
+    """prompts x n above --max-queue can never be queued, but was answered 429 "retry later" (SDKs retry 429 with
+    backoff: forever, here)."""
+    server, thread, url = start_server(None, tokenizer, max_tokens_limit=8, max_queue=4)
+
+    def post(body: dict) -> httpx.Response:
+        return httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+
+    try:
+        r = post({"model": "tiny", "prompt": "w1", "n": 5, "max_tokens": 2})
+        assert_openai_error(r, 400, param="n")
+        assert "5" in r.json()["error"]["message"] and "at most 4" in r.json()["error"]["message"]
+        assert_openai_error(post({"model": "tiny", "prompt": ["w1"] * 5, "max_tokens": 2}), 400, param="prompt")
+        assert_openai_error(post({"model": "tiny", "prompt": ["w1"] * 2, "n": 3, "max_tokens": 2}), 400, param="n")
+        assert post({"model": "tiny", "prompt": ["w1"] * 2, "n": 2, "max_tokens": 2}).status_code == 200
+        assert server.scheduler.queue_depth() == 0
+    finally:
+        thread.stop()

@@ -127,3 +127,51 @@ def test_every_unsupported_parameter_is_named_in_one_400():
         refuse_unsupported({"model": "x", "input": "a", "dimensions": 8, "logprobs": 1}, embeddings=True)
     assert "'dimensions'" in err.value.message and "'logprobs'" in err.value.message
     refuse_unsupported({"model": "x", "dimensions": None, "echo": False}, embeddings=True)  # neutral: accepted
+
+
+def test_settings_refuse_an_unknown_row_strategy():
+    """Any string was accepted: a typo started a healthy-looking server whose every adapter request then failed
+    with 500 "unknown per_row strategy"."""
+    from deltaw.batching import STRATEGIES
+
+    for bad in ("grouped ", "fastest", ""):
+        with pytest.raises(ValueError, match="row_strategy must be one of") as err:
+            ServeSettings(row_strategy=bad)
+        assert all(s in str(err.value) for s in STRATEGIES) and repr(bad) in str(err.value)
+    for strategy in STRATEGIES:
+        assert ServeSettings(row_strategy=strategy).row_strategy == strategy
+
+
+def test_temperatures_below_the_smallest_normal_float32_are_refused():
+    from deltaw.serve.errors import APIError
+    from deltaw.serve.protocol import MIN_TEMPERATURE
+
+    kw = dict(default_max_tokens=16, max_tokens_limit=64, max_n=4, chat=False)
+    for t in (4e-39, 1e-45, 5e-324):
+        with pytest.raises(APIError, match="0 \\(greedy\\) or at least") as err:
+            gen_params({"model": "x", "temperature": t}, **kw)
+        assert err.value.status == 400 and err.value.param == "temperature"
+    for t in (0, 0.0, MIN_TEMPERATURE, 1e-30, 1e-6, 2):
+        assert gen_params({"model": "x", "temperature": t}, **kw).temperature == t
+
+
+def test_strings_that_cannot_be_utf8_are_refused_naming_the_parameter():
+    from deltaw.serve.errors import APIError
+    from deltaw.serve.protocol import require_object
+
+    cases = [({"prompt": "\ud800"}, "prompt"), ({"input": ["ok", ["no"], "\udfff"]}, "input[2]"),
+             ({"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "a\ud800b"}]},
+              "messages[1].content"),
+             ({"metadata": {"k\udc00": "v"}}, "metadata"), ({"\ud800": 1}, None)]
+    for body, param in cases:
+        with pytest.raises(APIError, match="cannot be encoded as UTF-8") as err:
+            require_object({"model": "x", **body})
+        assert err.value.status == 400 and err.value.param == param
+    deep: list = ["\ud800"]
+    for _ in range(5000):  # deeper than the recursion limit: the walk is iterative
+        deep = [deep]
+    with pytest.raises(APIError) as err:
+        require_object({"prompt": deep})
+    assert err.value.param.startswith("prompt[0][0]") and err.value.param.endswith("...")
+    ok = {"model": "x", "prompt": "h\u00e9llo \U0001f642", "stop": ["\u65e5"], "n": 1, "x": None}
+    assert require_object(ok) is ok
