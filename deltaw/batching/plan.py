@@ -111,8 +111,11 @@ class RowPlan:
         return LayerRows(layer, specs, self.strategy)
 
     def _head_for(self, wrapper: ModulesToSave) -> str | None:
-        """The copy each row would use alone (first adapter of its spec that has one, as ``using`` does)."""
-        heads = [next((n for n, _ in spec if n in wrapper.modules_to_save), None) for spec in self.requested]
+        """The copy each row would use alone, as ``using`` picks it (``ModulesToSave.selected``): the first adapter
+        of its spec that has one, else the first merged adapter that has one, else the original."""
+        copies = wrapper.modules_to_save
+        merged = next((n for n, _ in self._state.merged if n in copies), None)
+        heads = [next((n for n, _ in spec if n in copies), merged) for spec in self.requested]
         distinct = sorted(set(heads), key=lambda h: (h is None, h or ""))
         if len(distinct) > 1:
             path = next((p for p, w in self._state.saved_modules.items() if w is wrapper), "?")

@@ -286,6 +286,14 @@ def test_modules_to_save_heads():
     expected = _alone(model, x, rows)
     with per_row(model, rows), torch.no_grad():
         torch.testing.assert_close(model(x), expected, **TOL)
+    # A merged adapter's copy runs for rows whose own spec has none, as it does alone (it ran the original).
+    deltaw.merge(model, "h2")
+    expected = _alone(model, x, rows)
+    with per_row(model, rows), torch.no_grad():
+        torch.testing.assert_close(model(x), expected, **TOL)
+    with pytest.raises(MixedHeadsError):
+        with per_row(model, ["h1", "plain"]):  # h1's copy vs the merged h2's
+            pass
 
 
 def test_conv_layers_use_the_reference_path():
