@@ -234,20 +234,23 @@ def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     x (..., in), y (..., out) with the same n = y.numel() / out ≤ MAX_TOKENS leading rows. The decode step of a
     Linear layer, where two torch GEMMs of these skinny shapes (or ``mv`` + ``addmv_`` for one token) cost more
     than reading the factors takes. Each token's result is the same whatever n (the kernel's per-row arithmetic
-    does not depend on it). Returns False, touching nothing, unless y is fp32 on the CPU, the factors are
-    contiguous, r <= MAX_RANK, n <= MAX_TOKENS and the kernel runs here.
+    does not depend on it). Returns False, touching nothing, unless all four are contiguous fp32 CPU tensors of
+    sizes that add up, r <= MAX_RANK, n <= MAX_TOKENS and the kernel runs here.
 
-    The caller (``LoraLinear.add_lora_``, the no-autograd inference path) has checked the rest: x and y
-    contiguous, x in A's dtype and y in B's, matching leading shapes. y is the layer's fresh output, which
-    nothing has saved for backward, so the write needs no version-counter bump. This runs ~200 times per
-    decoded token: plain attribute checks only."""
+    The caller (``LoraLinear.add_lora_``, the no-autograd inference path) passes the layer's fresh output as y,
+    which nothing has saved for backward, so the write needs no version-counter bump; y must not overlap x.
+    This runs ~200 times per decoded token: plain attribute checks only."""
     lib = _lib if _tried else kernel()
-    if lib is None or y.dtype is not torch.float32 or not y.is_cpu or not (a.is_contiguous() and b.is_contiguous()):
+    if (lib is None or y.dtype is not torch.float32 or x.dtype is not torch.float32 or a.dtype is not torch.float32
+            or b.dtype is not torch.float32 or not (y.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu)
+            or not (a.is_contiguous() and b.is_contiguous() and x.is_contiguous() and y.is_contiguous())
+            or a.dim() != 2 or b.dim() != 2):
         return False
     r, n_in = a.shape
     n_out = b.shape[0]
     n = y.numel() // n_out
-    if r > MAX_RANK or n > MAX_TOKENS:
+    # (the kernel indexes x, y, A and B by these sizes: anything that does not add up is declined)
+    if r > MAX_RANK or n > MAX_TOKENS or b.shape[1] != r or y.numel() != n * n_out or x.numel() != n * n_in:
         return False
     return lib.dw_lora_gemv_f32(y.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), n, r, n_in, n_out,
                                 scale) == 0

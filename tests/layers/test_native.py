@@ -500,3 +500,20 @@ def test_decode_through_the_kernel_equals_the_torch_path(monkeypatch: pytest.Mon
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_declines_mismatched_sizes_and_dtypes() -> None:
+    """Sizes that do not add up or a factor of another dtype would be misread by the kernel: declined."""
+    a, b = torch.randn(4, 8), torch.randn(6, 4)
+    cases = [
+        (torch.zeros(2, 6), torch.randn(3, 8), a, b),  # x has more tokens than y
+        (torch.zeros(2, 6), torch.randn(2, 7), a, b),  # x's width is not A's
+        (torch.zeros(2, 6), torch.randn(2, 8), a, torch.randn(6, 5)),  # B's rank is not A's
+        (torch.zeros(2, 6), torch.randn(2, 8), a.double(), b),  # A fp64, y fp32
+        (torch.zeros(2, 6), torch.randn(2, 8).double(), a, b),  # x fp64
+        (torch.zeros(2, 6), torch.randn(8, 2).t(), a, b),  # x strided
+    ]
+    for y, xx, aa, bb in cases:
+        before = y.clone()
+        assert not native.lora_gemv_(y, xx, aa, bb, 1.0)
+        assert torch.equal(y, before)
