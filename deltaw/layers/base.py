@@ -150,14 +150,22 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         # ``merge_stamp`` of what the installed merged weight was computed from (None when not merged): a merge
         # may rewrite that weight in place only if it can recompute it exactly should the merge be refused.
         object.__setattr__(self, "_installed", None)
-        # The factor dicts themselves (stable objects, mutated in place by add/delete): forward reads them per
-        # call, and nn.Module.__getattr__ on a submodule costs more than the LoRA matmuls of a decode step.
-        object.__setattr__(self, "_a_params", self.lora_A._parameters)
-        object.__setattr__(self, "_b_params", self.lora_B._parameters)
         self.tied_with = tuple(tied_with)  # other parameter names sharing base_layer.weight
         # A base layer of exactly a type whose forward ``base_forward`` reproduces may be run directly when it
         # has no hooks: nn.Module.__call__ costs more than a decode step's GEMV on 200 modules.
         object.__setattr__(self, "_plain_base", self.is_plain_base(base_layer))
+
+    # The factor dicts, read per call: forward goes through these rather than ``self.lora_A`` because
+    # nn.Module.__getattr__ on a submodule costs more than the LoRA matmuls of a decode step. Never cached as
+    # attributes: torch.export swaps a module's ``_parameters`` dict for one of fake tensors and installs a new
+    # dict afterwards, so a kept reference would hold the fakes from then on.
+    @property
+    def _a_params(self) -> dict[str, nn.Parameter]:
+        return self._modules["lora_A"]._parameters
+
+    @property
+    def _b_params(self) -> dict[str, nn.Parameter]:
+        return self._modules["lora_B"]._parameters
 
     @classmethod
     def is_plain_base(cls, base_layer: nn.Module) -> bool:
@@ -300,7 +308,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             if name in params:
                 scale = weight * self.scaling[name]
                 if fused and not (self.training and self.dropout_p[name] > 0.0):
-                    y = self.add_lora_(y, x, name, scale)
+                    if scale != 0.0:  # (as addmm_ with alpha=0: a weight-0 term adds nothing, NaN factors included)
+                        y = self.add_lora_(y, x, name, scale)
                 else:
                     y = y + self.lora_out(name, x, y.dtype) * scale
         return y

@@ -235,25 +235,53 @@ def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     Linear layer, where two torch GEMMs of these skinny shapes (or ``mv`` + ``addmv_`` for one token) cost more
     than reading the factors takes. Each token's result is the same whatever n (the kernel's per-row arithmetic
     does not depend on it). Returns False, touching nothing, unless all four are contiguous fp32 CPU tensors of
-    sizes that add up, r <= MAX_RANK, n <= MAX_TOKENS and the kernel runs here.
+    sizes that add up, x and y plain (``_plain``) and not overlapping, r <= MAX_RANK, n <= MAX_TOKENS and the
+    kernel runs here.
 
     The caller (``LoraLinear.add_lora_``, the no-autograd inference path) passes the layer's fresh output as y,
-    which nothing has saved for backward, so the write needs no version-counter bump; y must not overlap x.
+    which nothing has saved for backward, so the write needs no version-counter bump.
     This runs ~200 times per decoded token: plain attribute checks only."""
     lib = _lib if _tried else kernel()
-    if (lib is None or y.dtype is not torch.float32 or x.dtype is not torch.float32 or a.dtype is not torch.float32
-            or b.dtype is not torch.float32 or not (y.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu)
+    if (lib is None or not _plain(x, y) or y.dtype is not torch.float32 or x.dtype is not torch.float32
+            or a.dtype is not torch.float32 or b.dtype is not torch.float32
+            or not (y.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu)
             or not (a.is_contiguous() and b.is_contiguous() and x.is_contiguous() and y.is_contiguous())
             or a.dim() != 2 or b.dim() != 2):
         return False
     r, n_in = a.shape
     n_out = b.shape[0]
+    if n_out < 1:
+        return False
     n = y.numel() // n_out
     # (the kernel indexes x, y, A and B by these sizes: anything that does not add up is declined)
     if r > MAX_RANK or n > MAX_TOKENS or b.shape[1] != r or y.numel() != n * n_out or x.numel() != n * n_in:
         return False
-    return lib.dw_lora_gemv_f32(y.data_ptr(), x.data_ptr(), a.data_ptr(), b.data_ptr(), n, r, n_in, n_out,
-                                scale) == 0
+    ptrs = _pointers(y, x)
+    if ptrs is None:
+        return False
+    return lib.dw_lora_gemv_f32(*ptrs, a.data_ptr(), b.data_ptr(), n, r, n_in, n_out, scale) == 0
+
+
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+
+
+def _plain(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Eager tensors with real memory: not a tensor subclass (export's FakeTensor, FunctionalTensor), not under
+    ``torch.jit.trace`` (a write through a raw pointer is invisible to the tracer: the traced module would
+    silently lose the LoRA update). The torch path handles those."""
+    return type(x) is torch.Tensor and type(y) is torch.Tensor and not _is_tracing()
+
+
+def _pointers(y: torch.Tensor, x: torch.Tensor) -> tuple[int, int] | None:
+    """(y, x) data pointers, or None when either has no storage (functorch's vmap wrappers) or y's bytes overlap
+    x's (a later term would read what an earlier one wrote)."""
+    try:
+        py, px = y.data_ptr(), x.data_ptr()
+    except RuntimeError:
+        return None
+    if py < px + x.numel() * x.element_size() and px < py + y.numel() * y.element_size():
+        return None
+    return py, px
 
 
 class RowTerms:
@@ -297,11 +325,13 @@ def row_terms(terms: Sequence[tuple[torch.Tensor, torch.Tensor, float, list[int]
 
 def lora_rows_(y: torch.Tensor, x: torch.Tensor, terms: RowTerms) -> bool:
     """y += s · (x Aᵀ) Bᵀ on each term's rows, in place: x (..., in) and y (..., out) flattened to ``terms.entries``
-    rows. Returns False, touching nothing, unless x and y are contiguous fp32 CPU tensors of exactly that many
-    rows (the kernel indexes them without bounds checks)."""
-    if (y.dtype is not torch.float32 or x.dtype is not torch.float32 or not (y.is_cpu and x.is_cpu)
-            or not (y.is_contiguous() and x.is_contiguous()) or y.numel() != terms.entries * terms.out_f
-            or x.numel() != terms.entries * terms.in_f):
+    rows. Returns False, touching nothing, unless x and y are plain, non-overlapping, contiguous fp32 CPU tensors of
+    exactly that many rows (the kernel indexes them without bounds checks)."""
+    if (not _plain(x, y) or y.dtype is not torch.float32 or x.dtype is not torch.float32
+            or not (y.is_cpu and x.is_cpu) or not (y.is_contiguous() and x.is_contiguous())
+            or y.numel() != terms.entries * terms.out_f or x.numel() != terms.entries * terms.in_f):
         return False
-    return _lib.dw_lora_rows_f32(y.data_ptr(), x.data_ptr(), terms.in_f, terms.out_f, terms.array,
-                                 terms.count) == 0
+    ptrs = _pointers(y, x)
+    if ptrs is None:
+        return False
+    return _lib.dw_lora_rows_f32(*ptrs, terms.in_f, terms.out_f, terms.array, terms.count) == 0

@@ -517,3 +517,59 @@ def test_gemv_declines_mismatched_sizes_and_dtypes() -> None:
         before = y.clone()
         assert not native.lora_gemv_(y, xx, aa, bb, 1.0)
         assert torch.equal(y, before)
+
+
+def _single_with_adapter() -> nn.Module:
+    torch.manual_seed(0)
+    model = Single(nn.Linear(40, 24)).eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=8, alpha=16, target_modules=["layer"]), "a")
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(model, "a"):
+            p.normal_()
+    return model
+
+
+@needs_kernel
+def test_traced_exported_and_vmapped_models_keep_the_lora_update() -> None:
+    """A write through a raw pointer is invisible to torch.jit.trace (the traced module silently lost the LoRA
+    update), and export's fake tensors / vmap's wrappers have no memory (both raised): the kernel declines them
+    and the torch path runs."""
+    model = _single_with_adapter()
+    x = torch.randn(1, 1, 40)
+    with torch.no_grad():
+        eager = model(x)
+        with deltaw.disabled(model):
+            assert not torch.allclose(model(x), eager)
+        traced = torch.jit.trace(model, (x,), check_trace=False)
+        torch.testing.assert_close(traced(x), eager, rtol=1e-5, atol=1e-5)
+        batched = torch.func.vmap(model)(torch.randn(3, 1, 1, 40).copy_(x.expand(3, 1, 1, 40)))
+        torch.testing.assert_close(batched, eager.expand(3, 1, 1, 24), rtol=1e-5, atol=1e-5)
+        exported = torch.export.export(model, (x,))
+        torch.testing.assert_close(exported.module()(x), eager, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # and eager use afterwards is unaffected
+        torch.testing.assert_close(model(x), eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 17])
+def test_a_weight_zero_adapter_adds_nothing_even_with_nan_factors(tokens: int) -> None:
+    """Weight 0 means no term, as torch's addmm_ with alpha=0 (the path above 16 tokens): the kernel computed
+    0·NaN = NaN for up to 16 tokens."""
+    model = _single_with_adapter()
+    with torch.no_grad():
+        deltaw.adapter_parameters(model, "a")[1][0, 0] = float("nan")
+        x = torch.randn(tokens, 1, 40)
+        with deltaw.disabled(model):
+            base = model(x)
+        with deltaw.using(model, {"a": 0.0}):
+            torch.testing.assert_close(model(x), base, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_row_kernel_declines_overlapping_input_and_output_and_gemv_an_empty_b() -> None:
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    terms = native.row_terms([(a, b, 1.0, [0]), (a, b, 1.0, [0, 1])], entries=2)
+    y = torch.randn(2, 8)
+    before = y.clone()
+    assert not native.lora_rows_(y, y, terms)  # a later term would read rows an earlier one wrote
+    assert torch.equal(y, before)
+    assert not native.lora_gemv_(torch.zeros(1, 0), torch.randn(1, 8), a, torch.randn(0, 4), 1.0)
