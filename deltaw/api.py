@@ -566,3 +566,27 @@ def merge_and_unload(model: nn.Module, spec: AdapterSpec = None) -> nn.Module:
         _set_submodule(model, path, kept)
     del model.__dict__[_STATE_ATTR]
     return model
+
+
+def undo_attach(model: nn.Module) -> Callable[[str], None]:
+    """A function that takes an adapter attached after this call back out, leaving ``model`` as it is now: the
+    previous activation comes back, and a model that carried no deltaw state gets its plain modules and its
+    requires_grad flags back (the first attach wraps layers and freezes every base parameter).
+
+    Internal (shared by ``deltaw.train`` and ``deltaw.audit``, not part of the public verbs): call it before
+    ``attach``, and call what it returns with the adapter's name to roll a failed run back."""
+    if model.__dict__.get(_STATE_ATTR) is not None:
+        previous = active(model)
+
+        def undo(name: str) -> None:
+            delete(model, name)
+            activate(model, dict(previous))
+    else:
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+
+        def undo(name: str) -> None:
+            delete(model, name)
+            merge_and_unload(model)  # nothing merged or active is left: this only unwraps
+            for p, flag in flags:
+                p.requires_grad_(flag)
+    return undo

@@ -41,6 +41,8 @@ from ..config import ALL_LINEAR, LoraConfig
 from ..train.loop import lr_at
 from .measure import (
     AttributeTokens,
+    _module_modes,
+    _restore_modes,
     attribute_distribution,
     attribute_tokens,
     encode_prompts,
@@ -361,9 +363,11 @@ def train_debias(model: nn.Module, tokenizer, probe: Probe, config: DebiasConfig
     # All-or-nothing: a failed run (a too-high learning rate, an interrupt) must leave the model as it was --
     # no half-trained adapter squatting on ``name`` (a retry would hit AdapterNameError), the caller's
     # activation, trainable flags and train/eval mode back. Snapshot them before ``attach`` touches anything.
-    previous_active = api.active(model) if api.adapters(model) else ()
+    # ``undo`` takes the adapter back out: the previous activation, or -- on a model with no deltaw adapters
+    # before -- the plain modules (attach wrapped them; state_dict keys would read ...base_layer.weight).
+    undo = api.undo_attach(model)
     previous_grad = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
+    previous_modes = _module_modes(model)  # every module's own flag, not just model.training
     # The seed fixes the adapter's init and batch order without reseeding the caller's global RNG.
     rng_devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
@@ -375,15 +379,13 @@ def train_debias(model: nn.Module, tokenizer, probe: Probe, config: DebiasConfig
                 neutral_ids, fillers, templates, start, evaluate, callback)
         except BaseException:
             try:
-                api.delete(model, name)
-                if api.adapters(model):
-                    api.activate(model, dict(previous_active))
+                undo(name)
             finally:
                 for p, flag in previous_grad:
                     p.requires_grad_(flag)
             raise
         finally:
-            model.train(was_training)
+            _restore_modes(model, previous_modes)
     api.set_trainable(model, None)
     steps_done = len(history)
     info.metadata.update({"objective": OBJECTIVE, "probe": probe.name, "target": goal, "train_fillers": fillers,

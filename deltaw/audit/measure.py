@@ -402,14 +402,33 @@ class Measurement:
         return row
 
 
+def _module_modes(model: nn.Module) -> dict[nn.Module, bool]:
+    """Every module's own train/eval flag. ``model.training`` alone is not the model's mode: a caller may keep
+    submodules in eval (a frozen block) inside a model in train mode, and ``model.train(flag)`` overwrites them."""
+    return {m: m.training for m in model.modules()}
+
+
+def _restore_modes(model: nn.Module, modes: dict[nn.Module, bool]) -> None:
+    """Give each module in ``modes`` its own flag back, without recursing. A module added since the snapshot
+    (an adapter wrapper) takes its parent's restored flag, so e.g. LoRA dropout is off in an eval-mode model."""
+    flags: dict[str, bool] = {}
+    for path, module in model.named_modules():
+        if module in modes:
+            flag = modes[module]
+        else:
+            flag = flags.get(path.rpartition(".")[0], model.training if path else modes.get(model, model.training))
+        module.training = flag
+        flags[path] = flag
+
+
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was = model.training
+    modes = _module_modes(model)
     model.eval()
     try:
         yield
     finally:
-        model.train(was)
+        _restore_modes(model, modes)
 
 
 def neutral_kl(model_logprobs: Sequence[torch.Tensor], base_logprobs: Sequence[torch.Tensor]) -> float:

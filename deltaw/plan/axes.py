@@ -25,6 +25,11 @@ Position = Literal["before", "after"]
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
+def _words(text: str) -> str:
+    """Lower case, hyphens read as spaces, single spaces: the form noun phrases and implying words compare in."""
+    return " ".join(text.lower().replace("-", " ").split())
+
+
 @dataclass(frozen=True)
 class AxisSpec:
     """One axis: its allowed values, each with the phrase it contributes to an entity prompt.
@@ -37,6 +42,9 @@ class AxisSpec:
     position: Position
     values: Mapping[str, str]
     description: str = ""
+    #: value -> words that already fix this axis when the entity noun phrase contains them ("men" -> male);
+    #: see :meth:`implying_words`. Optional; a value without words is implied only by its own phrase.
+    implied_by: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -52,8 +60,44 @@ class AxisSpec:
                 )
             if not isinstance(phrase, str) or not phrase.strip():
                 raise PlanError(f"axis {self.name!r}: value {value!r} needs a non-empty prompt phrase")
-        # Freeze the mapping so a registry shared between plans cannot be changed under them.
+        if not isinstance(self.implied_by, Mapping):
+            raise PlanError(f"axis {self.name!r}: 'implied_by' must map value -> list of words")
+        implied: dict[str, tuple[str, ...]] = {}
+        for value, words in self.implied_by.items():
+            if value not in self.values:
+                raise PlanError(
+                    f"axis {self.name!r}: 'implied_by' names unknown value {value!r}; known values: "
+                    f"{', '.join(self.values)}"
+                )
+            if isinstance(words, str) or not isinstance(words, (list, tuple)) or not all(
+                isinstance(w, str) and w.strip() for w in words
+            ):
+                raise PlanError(f"axis {self.name!r}: 'implied_by' for {value!r} must be a list of non-empty words")
+            implied[value] = tuple(_words(w) for w in words)
+        # Freeze the mappings so a registry shared between plans cannot be changed under them.
         object.__setattr__(self, "values", MappingProxyType(dict(self.values)))
+        object.__setattr__(self, "implied_by", MappingProxyType(implied))
+
+    def implying_words(self) -> dict[str, str]:
+        """Word (or hyphen-free word sequence) -> value, for every word that fixes this axis in a noun phrase:
+        the ``implied_by`` words, and each value's own prompt phrase (for ``"before"`` axes its separate
+        words, since the adjectives stand alone in a noun phrase: "young adult" -> "young", "adult"; for
+        ``"after"`` axes the whole phrase without its article: "a shaved head" -> "shaved head")."""
+        out: dict[str, str] = {}
+        for value, phrase in self.values.items():
+            words = _words(phrase).split()
+            if self.position == "before":
+                for word in words:
+                    out.setdefault(word, value)
+            else:
+                if words and words[0] in ("a", "an", "the"):
+                    words = words[1:]
+                if words:
+                    out.setdefault(" ".join(words), value)
+        for value, implying in self.implied_by.items():
+            for word in implying:
+                out.setdefault(word, value)
+        return out
 
     def phrase(self, value: str) -> str:
         """The prompt phrase for ``value``; raises :class:`PlanError` naming the known values if unknown."""
@@ -111,8 +155,11 @@ class AxisRegistry(Mapping[str, AxisSpec]):
                         f"axis {name!r}: added file says position {spec.position!r}, "
                         f"shipped axis says {base.position!r}"
                     )
+                implied = {v: tuple(base.implied_by.get(v, ())) + tuple(spec.implied_by.get(v, ()))
+                           for v in {**base.implied_by, **spec.implied_by}}
                 out[name] = AxisSpec(
-                    name, base.position, {**base.values, **spec.values}, spec.description or base.description
+                    name, base.position, {**base.values, **spec.values}, spec.description or base.description,
+                    implied,
                 )
             else:
                 out[name] = spec
@@ -132,6 +179,7 @@ def registry_from_dict(data: Mapping[str, Any], *, source: str = "<dict>") -> Ax
             position=body.get("position", "after"),
             values=dict(body["values"]),
             description=str(body.get("description", "")),
+            implied_by=body.get("implied_by", {}),
         )
     return AxisRegistry(axes)
 

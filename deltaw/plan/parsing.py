@@ -154,6 +154,10 @@ _UNITS = {
     "ten": 10, "eleven": 11, "twelve": 12, "thirteen": 13, "fourteen": 14, "fifteen": 15, "sixteen": 16,
     "seventeen": 17, "eighteen": 18, "nineteen": 19,
 }
+#: Magnitude words: they multiply the count before them ("two hundred", "ten thousand") or stand for one of
+#: themselves after "a"/"an"/"one" ("a thousand"). Every one makes a count the planner refuses as out of range,
+#: but it must be read as a count, or "a thousand people" would plan one "thousand people".
+_MAGNITUDES = {"hundred": 100, "thousand": 1_000, "million": 1_000_000, "billion": 1_000_000_000}
 _TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
 #: Collective words that are really counts: "a trio of musicians" is three musicians, not a scene.
 COUNT_COLLECTIVES = {
@@ -330,6 +334,15 @@ def _word_number(token: str) -> int | None:
     return None
 
 
+def _magnify(value: int, word: str, words: list[str]) -> int:
+    """``value`` times the magnitude ``word``; a count past 12 digits ("a million million ...") is refused here,
+    before it grows into a number too long to print."""
+    value *= _MAGNITUDES[word]
+    if value >= 10**MAX_COUNT_DIGITS:
+        raise PlanError(f"count {' '.join(words)[:40]!r} is out of range")
+    return value
+
+
 @dataclass(frozen=True)
 class _Count:
     start: int
@@ -349,8 +362,13 @@ def _find_count(tokens: list[str]) -> _Count | None:
             return _Count(i, i + 3, 6)
         if tok in ("a", "an") and nxt == "dozen":
             return _Count(i, i + 2, 12)
-        if tok in ("a", "an", "one") and nxt == "hundred":
-            return _Count(i, i + 2, 100)
+        if tok in ("a", "an", "one") and nxt in _MAGNITUDES:  # "a hundred", "a thousand", "one million"
+            end = i + 2
+            value = _MAGNITUDES[nxt]
+            while end < n and tokens[end] in _MAGNITUDES:  # "a hundred thousand"
+                value = _magnify(value, tokens[end], tokens[i : end + 1])
+                end += 1
+            return _Count(i, end, value)
         if tok in ("a", "an") and nxt in ("single", "lone", "solitary"):
             return _Count(i, i + 2, 1)
         # "a pair of", "a trio of", "pair of"
@@ -368,9 +386,10 @@ def _find_count(tokens: list[str]) -> _Count | None:
             if end < n and tokens[end] == "dozen":
                 value *= 12
                 end += 1
-            elif end < n and tokens[end] == "hundred":
-                value *= 100
-                end += 1
+            else:  # "two hundred", "ten thousand", "five hundred thousand"
+                while end < n and tokens[end] in _MAGNITUDES:
+                    value = _magnify(value, tokens[end], tokens[i : end + 1])
+                    end += 1
             return _Count(i, end, value)
         # "five-player", "5-person", "twenty-one-member"
         if "-" in tok:
@@ -437,6 +456,7 @@ class RuleParser:
     """Deterministic parser for scene requests (``--no-llm``).
 
     Counts it reads: digits ("12"), number words up to ninety-nine ("sixty-four", "twenty one"), "a dozen",
+    magnitudes ("a hundred", "ten thousand", "a million": read, then refused by the planner as out of range),
     "half a dozen", "two dozen", "a pair/couple/duo/trio/quartet/quintet of", "a single", "five-player" compounds,
     and a bare "a/an" (one). Shapes it reads::
 

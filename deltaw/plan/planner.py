@@ -26,7 +26,7 @@ from deltaw.plan.axes import AxisRegistry, load_axes
 from deltaw.plan.errors import PlanError
 from deltaw.plan.layout import Box, LayoutSpec, check_boxes, grid_layout
 from deltaw.plan.mix import JointTable, MixSpec, normalise_mix, product_table, validate_mix
-from deltaw.plan.parsing import ParsedScene, Parser, RuleParser, with_article
+from deltaw.plan.parsing import ParsedScene, Parser, RuleParser, singularize, with_article
 from deltaw.plan.quotas import MAX_COUNT, assign_quotas, check_count, deal, normalise_weights
 
 log = logging.getLogger(__name__)
@@ -239,21 +239,33 @@ def _compose_prompt(subject: str, attributes: Mapping[str, str], registry: AxisR
     return f"{prompt}, {activity}" if activity else prompt
 
 
-def _check_conflicts(subject: str, axes: Iterable[str], registry: AxisRegistry) -> None:
-    """Refuse an axis whose adjectives the text already fixes ("female team" + a gender mix would give
-    "a male female player")."""
-    words = set(subject.replace("-", " ").split())
+def _check_conflicts(subject: str, axes: Iterable[str], registry: AxisRegistry, text: str = "") -> None:
+    """Refuse an axis that the entity noun phrase already fixes: by a value's own phrase ("female team" +
+    a gender mix would give "a male female player") or by an implying word from the axis's ``implied_by``
+    ("five men" + a gender mix -> "a female man"; "bald nurses" + a hair mix -> "a bald nurse with long hair").
+    Every axis is checked, whatever its position. Only the subject is looked at, not the activity or setting
+    ("nurses playing with children" fixes no age)."""
+    tokens = subject.lower().replace("-", " ").split()
+    variants = [tokens, [singularize(t) for t in tokens]]  # "men" / "man": a parser may give either form
+    text_words = text.lower().replace(",", " ").split()
     for axis in axes:
         spec = registry[axis]
-        if spec.position != "before":
-            continue
-        for value, phrase in spec.values.items():
-            clash = words & set(phrase.replace("-", " ").split())
-            if clash:
-                raise PlanError(
-                    f"axis {axis!r} conflicts with the text: {subject!r} already says {sorted(clash)[0]!r} "
-                    f"(value {value!r}); drop the word from the text or the axis from --mix"
-                )
+        for phrase, value in spec.implying_words().items():
+            words = phrase.split()
+            k = len(words)
+            if not any(toks[i : i + k] == words for toks in variants for i in range(len(toks) - k + 1)):
+                continue
+            shown = phrase
+            if k == 1:  # quote the word as the user wrote it ("men", not the parsed "man")
+                shown = next((w for w in text_words if w.strip(".!?;:") and singularize(w.strip(".!?;:")) == phrase
+                              and w.strip(".!?;:") != phrase), phrase)
+                shown = shown.strip(".!?;:")
+            elif phrase.replace(" ", "-") in text.lower():  # "dark-skinned", as written
+                shown = phrase.replace(" ", "-")
+            raise PlanError(
+                f"axis {axis!r} conflicts with the text: the text already fixes {axis} ({shown!r}, "
+                f"value {value!r}); drop the {axis} mix or the word"
+            )
 
 
 def _parse(parser: Parser, text: str, count: int | None) -> ParsedScene:
@@ -334,7 +346,7 @@ def plan_scene(
             "joint quotas need axes: give a mix (e.g. skin_tone=light,dark;gender=female,male) or a joint table"
         )
     subject = parsed.subject()
-    _check_conflicts(subject, list(weights) or (joint_table.axes if joint_table else ()), registry)
+    _check_conflicts(subject, list(weights) or (joint_table.axes if joint_table else ()), registry, text)
 
     attributes: list[dict[str, str]] = [{} for _ in range(n)]
     mix_out: dict[str, dict[str, float]] = {}

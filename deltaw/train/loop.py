@@ -206,27 +206,6 @@ def _load_adapter_tensors(model: nn.Module, name: str, directory: Path) -> None:
             st.saved_modules[module].modules_to_save[name].load_state_dict(sd)
 
 
-def _undo_attach(model: nn.Module) -> Callable[[str], None]:
-    """A function that takes an adapter attached after this call back out, leaving ``model`` as it is now: the
-    previous activation comes back, and a model that carried no deltaw state gets its plain modules and its
-    requires_grad flags back (the first attach wraps layers and freezes every base parameter)."""
-    if model.__dict__.get(api._STATE_ATTR) is not None:
-        active = api.active(model)
-
-        def undo(name: str) -> None:
-            api.delete(model, name)
-            api.activate(model, dict(active))
-    else:
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-
-        def undo(name: str) -> None:
-            api.delete(model, name)
-            api.merge_and_unload(model)  # nothing merged or active is left: this only unwraps
-            for p, flag in flags:
-                p.requires_grad_(flag)
-    return undo
-
-
 def _autocast(config: TrainConfig, device: torch.device):
     if config.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -296,7 +275,7 @@ def _train(config: TrainConfig, model, tokenizer, callbacks, ctx: dist_util.Dist
     # Until training starts, an error takes it out again (attach itself is all-or-nothing): the caller's model
     # comes back as it was passed in, and a retry after fixing the cause does not meet a leftover adapter.
     name = config.adapter_name
-    undo = _undo_attach(model)
+    undo = api.undo_attach(model)
     torch.manual_seed(config.seed)
     if resume_from is not None:
         peft_io.load(model, resume_from, name, trainable=True, activate=True)

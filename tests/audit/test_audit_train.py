@@ -279,3 +279,63 @@ def test_cli_audit_options_are_checked(tmp_path, monkeypatch):
     assert not isinstance(res.exception, OSError)
     res = _audit_cli(["train-debias", "--out", str(afile), "--threads", "1"])
     assert res.exit_code == 2 and "not a directory" in res.output
+
+
+def test_failed_training_on_a_plain_model_takes_the_wrappers_back_out():
+    from deltaw.layers import LoraLayer
+
+    model, tok = tiny_pair()
+    model.model.layers[1].mlp.up_proj.weight.requires_grad_(False)  # a caller's own flag, kept as it was
+    sd0 = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    boom = replace(FAST, steps=3, batch_size=2, lr=1e38, targets="top:1")
+    with pytest.raises(FloatingPointError):
+        train_debias(model, tok, load_probe().subset(3, 1, 1), boom, evaluate=False)
+    # Used to leave the LoRA wrappers in place: keys read ...q_proj.base_layer.weight, so save_pretrained wrote
+    # a checkpoint that does not load as the base model.
+    assert deltaw.adapters(model) == []
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+    sd1 = model.state_dict()
+    assert list(sd1) == list(sd0) and all(torch.equal(sd0[k], sd1[k]) for k in sd0)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    result = train_debias(model, tok, load_probe().subset(3, 1, 1), replace(boom, lr=1e-3, steps=1), evaluate=False)
+    assert result.steps == 1 and deltaw.adapters(model) == ["debias"]
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_training_restores_every_submodule_mode(fail):
+    # Used to save model.training only and restore with model.train(flag): a block the caller keeps in eval
+    # came back in train mode (dropout on).
+    model, tok = tiny_pair()
+    model.train()
+    model.model.layers[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+
+    def boom(entry):
+        if fail and entry["step"] == 2:
+            raise RuntimeError("boom")
+
+    if fail:
+        with pytest.raises(RuntimeError, match="boom"):
+            train_debias(model, tok, load_probe().subset(3, 1, 1), replace(FAST, steps=3, batch_size=2),
+                         evaluate=False, callback=boom)
+    else:
+        train_debias(model, tok, load_probe().subset(3, 1, 1), replace(FAST, steps=2, batch_size=2),
+                     evaluate=False)
+    after = {n: m.training for n, m in model.named_modules()}
+    assert {n: after[n] for n in modes if n in after} == modes
+    # new adapter modules follow their parent: off in the eval-mode block, on elsewhere
+    for name, flag in after.items():
+        if name not in modes:
+            assert flag == name.startswith("model.layers.1"), name
+
+
+def test_eval_mode_restores_every_submodule_mode():
+    from deltaw.audit.measure import measure
+
+    model, tok = tiny_pair()
+    model.train()
+    model.model.layers[0].eval()
+    modes = {n: m.training for n, m in model.named_modules()}
+    measure(model, tok, load_probe().subset(3, 1, 1))
+    assert {n: m.training for n, m in model.named_modules()} == modes

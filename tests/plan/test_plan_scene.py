@@ -13,6 +13,7 @@ from deltaw.plan import (
     Entity,
     JointTable,
     PlanError,
+    RuleParser,
     ScenePlan,
     load_axes,
     load_joint_table,
@@ -337,3 +338,67 @@ def test_directories_and_bad_encodings_are_plan_errors(tmp_path) -> None:
 def test_mix_mapping_with_a_string_value_is_a_plan_error() -> None:
     with pytest.raises(PlanError, match="must map each value to a weight"):
         plan_scene("three nurses", {"skin_tone": "light"})
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [("ten thousand soldiers", 10_000), ("a thousand people", 1_000), ("two thousand fans", 2_000),
+     ("one million ants", 1_000_000), ("five hundred thousand fans", 500_000), ("200 nurses", 200)],
+)
+def test_magnitude_counts_are_refused_as_out_of_range(text: str, count: int) -> None:
+    # "thousand" used to be no count word: "ten thousand soldiers" planned 10 x "thousand soldier" and
+    # "a thousand people" one "thousand people"
+    assert RuleParser().parse(text).count == count
+    with pytest.raises(PlanError, match=f"count {count} is out of range: a plan holds 1 to 64 entities"):
+        plan_scene(text, None, 0, parser=RuleParser())
+
+
+def test_runaway_magnitude_count_is_a_plan_error() -> None:
+    with pytest.raises(PlanError, match="out of range"):
+        plan_scene("a million million million people", None, 0, parser=RuleParser())
+
+
+@pytest.mark.parametrize(
+    ("text", "mix", "axis", "word"),
+    [("five men", "gender=female,male", "gender", "men"),
+     ("five girls", "age=child,senior", "age", "girls"),
+     ("five girls", "gender=female,male", "gender", "girls"),
+     ("five old nurses", "age=child,senior", "age", "old"),
+     ("five dark-skinned nurses", "skin_tone=light,dark", "skin_tone", "dark-skinned"),
+     ("five bald nurses", "hair=bald,long", "hair", "bald"),
+     ("five muscular players", "body_type=slim,athletic", "body_type", "muscular"),
+     ("a team of five women", {"gender": {"female": 1}}, "gender", "women")],
+)
+def test_mix_over_an_axis_the_noun_already_fixes_is_refused(text: str, mix, axis: str, word: str) -> None:
+    # used to plan silently: "a female man", "an elderly girl", "a young old nurse", "nurse with light skin"
+    # for dark-skinned nurses (only literal phrase words of "before" axes were compared)
+    with pytest.raises(PlanError, match=rf"conflicts with the text: the text already fixes {axis} \('{word}'"):
+        plan_scene(text, mix, 0, parser=RuleParser())
+
+
+@pytest.mark.parametrize(
+    "text",
+    [TEAM, "five players", "five nurses", "a crowd of ten people", "a team of five players",
+     "five nurses playing with children in a park"],
+)
+def test_neutral_nouns_take_every_axis(text: str) -> None:
+    every = "skin_tone=light,dark;age=child,senior;gender=female,male;hair=bald,long;body_type=slim,athletic"
+    mix = every if text != TEAM else "skin_tone=light,dark;age=child,senior;hair=bald,long;body_type=slim,athletic"
+    assert len(plan_scene(text, mix, 0, parser=RuleParser()).entities) >= 1
+
+
+def test_implied_by_is_validated_and_merged(tmp_path) -> None:
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps({"axes": {"gender": {"position": "before", "values": {"male": "male"},
+                                                      "implied_by": {"male": ["lad"]}}}}))
+    registry = load_axes(extra)
+    assert registry["gender"].implying_words()["lad"] == "male"
+    assert registry["gender"].implying_words()["men"] == "male"  # shipped words kept
+    with pytest.raises(PlanError, match="conflicts with the text"):
+        plan_scene("five lads", "gender=female,male", 0, parser=RuleParser(), axes=extra)
+    extra.write_text(json.dumps({"axes": {"x": {"values": {"a": "a thing"}, "implied_by": {"b": ["bee"]}}}}))
+    with pytest.raises(PlanError, match="unknown value 'b'"):
+        load_axes(extra)
+    extra.write_text(json.dumps({"axes": {"x": {"values": {"a": "a thing"}, "implied_by": {"a": "word"}}}}))
+    with pytest.raises(PlanError, match="list of non-empty words"):
+        load_axes(extra)
