@@ -530,6 +530,8 @@ def _single_with_adapter() -> nn.Module:
 
 
 @needs_kernel
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:DeprecationWarning",
+                            "ignore:There is a performance drop:UserWarning")  # (expected: trace and vmap fallbacks)
 def test_traced_exported_and_vmapped_models_keep_the_lora_update() -> None:
     """A write through a raw pointer is invisible to torch.jit.trace (the traced module silently lost the LoRA
     update), and export's fake tensors / vmap's wrappers have no memory (both raised): the kernel declines them
