@@ -79,18 +79,21 @@ def test_k_entries_per_row_and_a_few_tokens_per_row():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_terms_beyond_the_kernel_fall_back_to_grouped():
-    """More entries per (adapter, weight) than MAX_TOKENS: the batched torch kernels, same results."""
-    model = _model()
-    rows = ["a"] * (native.MAX_TOKENS + 1) + ["b"]
-    ids = torch.randint(1, 64, (len(rows), 1), generator=torch.Generator().manual_seed(3))
+def _grouped_matches_reference(model, rows, seed, tol):
+    """auto picks grouped (not native) for this batch, and its decode step matches the reference strategy."""
+    ids = torch.randint(1, 64, (len(rows), 1), generator=torch.Generator().manual_seed(seed))
     with per_row(model, rows, strategy="reference"):
         expected = _decode_logits(model, ids)
     with per_row(model, rows) as plan:
         got = _decode_logits(model, ids)
         used = plan.strategies_used()
     assert "native" not in used and used.get("grouped"), used
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_terms_beyond_the_kernel_fall_back_to_grouped():
+    """More entries per (adapter, weight) than MAX_TOKENS: the batched torch kernels, same results."""
+    _grouped_matches_reference(_model(), ["a"] * (native.MAX_TOKENS + 1) + ["b"], seed=3, tol=1e-5)
 
 
 def test_row_terms_refuse_what_the_kernel_cannot_index_safely():
@@ -154,13 +157,4 @@ def test_a_call_the_kernel_declines_runs_the_fallback():
 
 def test_half_precision_models_choose_another_kernel():
     """A bf16 model: the kernel is fp32 only, so the plan picks grouped up front."""
-    model = _model().to(torch.bfloat16)
-    rows = ["a", "b"]
-    ids = torch.randint(1, 64, (2, 1), generator=torch.Generator().manual_seed(6))
-    with per_row(model, rows, strategy="reference"):
-        expected = _decode_logits(model, ids)
-    with per_row(model, rows) as plan:
-        got = _decode_logits(model, ids)
-        used = plan.strategies_used()
-    assert "native" not in used and used.get("grouped"), used
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+    _grouped_matches_reference(_model().to(torch.bfloat16), ["a", "b"], seed=6, tol=2e-2)
