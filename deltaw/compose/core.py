@@ -346,8 +346,25 @@ def _version() -> str:
     return __version__
 
 
+def _suffix_closed(peft: dict) -> bool:
+    """Whether a source file's targeting takes every module whose path ends with "." + a targeted path (PEFT's
+    rule for a plain list, with nothing excluded): then a module the union of the sources leaves out ends with
+    none of the union's paths, and the union as a plain list selects exactly those paths."""
+    return (isinstance(peft.get("target_modules"), list) and not peft.get("exclude_modules")
+            and not peft.get("layers_to_transform") and not peft.get("modules_to_save"))
+
+
 def _peft_config(config: LoraConfig, adapters: list[AdapterFile]) -> dict:
-    """Every module listed explicitly (as ``deltaw.save`` does) so any PEFT version resolves the same set."""
+    """Every module listed explicitly (as ``deltaw.save`` does) so any PEFT version resolves the same set.
+
+    A listed name also selects modules whose path ends with "." + it, and with no model here to check, the list
+    is kept only when every source's targeting was closed under that rule (``_suffix_closed``); otherwise the
+    paths become an exact regex (``re.fullmatch`` under both PEFT's rule and deltaw's), as ``deltaw.save``
+    writes when its model has such a module: sources covering "fc" but not "sub.fc" gave a list ["fc"] that
+    targeted "sub.fc" too (deltaw's load refused the file, PEFT adapted sub.fc from its init)."""
+    paths = list(config.target_modules)
+    exact = all(_suffix_closed(a.peft) for a in adapters)
+    targets: list[str] | str = paths if exact else "(?:" + "|".join(re.escape(p) for p in paths) + ")"
     firsts = [a.peft for a in adapters]
     bases = {p.get("base_model_name_or_path") for p in firsts} - {None}
     tasks = {p.get("task_type") for p in firsts} - {None}
@@ -357,7 +374,7 @@ def _peft_config(config: LoraConfig, adapters: list[AdapterFile]) -> dict:
         "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
         "r": config.r,
         "lora_alpha": config.alpha,
-        "target_modules": list(config.target_modules),
+        "target_modules": targets,
         "exclude_modules": None,
         "lora_dropout": 0.0,
         "bias": "none",

@@ -289,3 +289,31 @@ def test_composed_rank_pattern_keys_match_their_own_module_only(tmp_path):
     assert {p: inner.get_submodule(p).lora_A["default"].weight.shape[0] for p in ranks} == ranks
     with torch.no_grad():
         torch.testing.assert_close(pm(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_compose_dirs_of_sources_leaving_out_a_suffix_module_writes_an_exact_target(tmp_path):
+    """Sources covering top-level "fc" and "other" but not "sub.fc" (their files say so with an exact regex):
+    compose_dirs wrote target_modules ["fc", "other"], and "fc" also targets "sub.fc" by PEFT's suffix rule, so
+    deltaw refused to load the composed file (no factors for sub.fc) and PEFT adapted sub.fc from its init."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = _Suffixes().eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2.0, target_modules="fc|other"), "a")  # regex: top level
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2.0, target_modules="fc"), "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    x = torch.randn(3, 16)
+    want = out(model, W, x)
+    deltaw.save(model, tmp_path / "a", "a")
+    deltaw.save(model, tmp_path / "b", "b")
+    compose_dirs({tmp_path / "a": W["a"], tmp_path / "b": W["b"]}, tmp_path / "ab")
+    torch.manual_seed(0)
+    fresh = _Suffixes().eval()
+    deltaw.load(fresh, tmp_path / "ab", "ab")
+    assert sorted(deltaw.state(fresh).adapters["ab"].modules) == ["fc", "other"]
+    torch.testing.assert_close(out(fresh, "ab", x), want, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(0)
+    pm = peft.PeftModel.from_pretrained(_Suffixes().eval(), str(tmp_path / "ab")).eval()
+    assert not hasattr(pm.base_model.model.sub.fc, "lora_A")
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), want, atol=1e-5, rtol=1e-5)
