@@ -376,13 +376,13 @@ class LayerRows:
         if prepared is None:
             return None
         fallback: list[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = []
-        k = x.shape[0] // self.B if x.shape[0] % self.B == 0 else 1
 
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             if native.lora_rows_(y, x, prepared):
                 return y
-            if not fallback:
-                fallback.append(self.uniform_kernel() if self.same_for_all else self.grouped_kernel(k))
+            if not fallback:  # (built once: this kernel serves one input shape)
+                fallback.append(self.uniform_kernel() if self.same_for_all
+                                else self.grouped_kernel(x.shape[0] // self.B))
             return fallback[0](x, y)
 
         return run

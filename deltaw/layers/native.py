@@ -228,6 +228,27 @@ def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
     return rc == 0
 
 
+_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+
+
+def _plain(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Eager tensors with real memory: not a tensor subclass (export's FakeTensor, FunctionalTensor), not under
+    ``torch.jit.trace`` (a write through a raw pointer is invisible to the tracer: the traced module would
+    silently lose the LoRA update). The torch path handles those."""
+    return type(x) is torch.Tensor and type(y) is torch.Tensor and not _is_tracing()
+
+
+def _pointers(y: torch.Tensor, x: torch.Tensor) -> tuple[int, int] | None:
+    """(y, x) data pointers, or None when either has no storage (functorch's vmap wrappers) or y's bytes overlap
+    x's (a later term would read what an earlier one wrote)."""
+    try:
+        py, px = y.data_ptr(), x.data_ptr()
+    except RuntimeError:
+        return None
+    if py < px + x.numel() * x.element_size() and px < py + y.numel() * y.element_size():
+        return None
+    return py, px
+
 
 def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
     """y += scale · (x Aᵀ) Bᵀ in place, on the calling thread, for a few tokens: A (r, in), B (out, r),
@@ -261,27 +282,6 @@ def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
         return False
     return lib.dw_lora_gemv_f32(*ptrs, a.data_ptr(), b.data_ptr(), n, r, n_in, n_out, scale) == 0
 
-
-_is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
-
-
-def _plain(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Eager tensors with real memory: not a tensor subclass (export's FakeTensor, FunctionalTensor), not under
-    ``torch.jit.trace`` (a write through a raw pointer is invisible to the tracer: the traced module would
-    silently lose the LoRA update). The torch path handles those."""
-    return type(x) is torch.Tensor and type(y) is torch.Tensor and not _is_tracing()
-
-
-def _pointers(y: torch.Tensor, x: torch.Tensor) -> tuple[int, int] | None:
-    """(y, x) data pointers, or None when either has no storage (functorch's vmap wrappers) or y's bytes overlap
-    x's (a later term would read what an earlier one wrote)."""
-    try:
-        py, px = y.data_ptr(), x.data_ptr()
-    except RuntimeError:
-        return None
-    if py < px + x.numel() * x.element_size() and px < py + y.numel() * y.element_size():
-        return None
-    return py, px
 
 
 class RowTerms:
