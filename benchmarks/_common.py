@@ -29,6 +29,7 @@ import deltaw
 log = logging.getLogger("benchmarks")
 
 THREADS = 2
+DEVICE = torch.device("cpu")  # --device: the targets are for the 2-core CPU; on CUDA the suite times with syncs
 STAT = "median"  # or "min": on a shared machine the fastest repeat is the least disturbed one
 RANK = 16
 SMOL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,6 +38,8 @@ CONTEXT = 64  # tokens in the KV cache while decoding
 
 
 def setup() -> None:
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {DEVICE}: CUDA is not available on this machine")
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +51,27 @@ def setup() -> None:
         pass
 
 
+def use_device(name: str) -> None:
+    """Set the device every model, input and timer of this run uses (``--device cpu|cuda|cuda:N``)."""
+    global DEVICE
+    DEVICE = torch.device(name)
+
+
+def sync() -> None:
+    """Wait for queued device work, so a wall-clock reading covers it (CUDA runs asynchronously)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def timed_ms(fn: Callable[[], object]) -> float:
+    """Wall time of ``fn()`` in ms, device work included."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return (time.perf_counter() - t0) * 1e3
+
+
 # ---- models ------------------------------------------------------------------------------------------------
 def smollm2_shape(seed: int = 0) -> nn.Module:
     """A random-init Llama with SmolLM2-135M's shape (30 layers, hidden 576, 9/3 heads, tied 49152 vocab)."""
@@ -56,7 +80,7 @@ def smollm2_shape(seed: int = 0) -> nn.Module:
                       num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                       max_position_embeddings=2048)
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval().to(DEVICE)
 
 
 def bert_base_shape(seed: int = 0) -> nn.Module:
@@ -64,7 +88,7 @@ def bert_base_shape(seed: int = 0) -> nn.Module:
     cfg = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                      vocab_size=30522, max_position_embeddings=512)
     torch.manual_seed(seed)
-    return BertModel(cfg, add_pooling_layer=False).eval()
+    return BertModel(cfg, add_pooling_layer=False).eval().to(DEVICE)
 
 
 def sharing_copy(model: nn.Module) -> nn.Module:
@@ -150,8 +174,8 @@ class DecodeStep:
     def __init__(self, model: nn.Module, batch: int, seed: int = 0, **kwargs) -> None:
         g = torch.Generator().manual_seed(seed)
         self.model, self.kwargs = model, kwargs
-        prompt = torch.randint(0, 49152, (batch, CONTEXT), generator=g)
-        self.token = torch.randint(0, 49152, (batch, 1), generator=g)
+        prompt = torch.randint(0, 49152, (batch, CONTEXT), generator=g).to(DEVICE)
+        self.token = torch.randint(0, 49152, (batch, 1), generator=g).to(DEVICE)
         with torch.inference_mode():
             self.cache = model(input_ids=prompt, use_cache=True, **kwargs).cache
 
@@ -173,9 +197,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup:
                 fn()
         for _ in range(repeats):
             for key, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - t0) * 1e3)
+                times[key].append(timed_ms(fn))
     return {k: summarize(v) for k, v in times.items()}
 
 
@@ -278,10 +300,12 @@ def standalone(module) -> None:
     parser.add_argument("--strategy", default="auto")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stat", choices=("median", "min"), default="median")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     global THREADS, STAT
     THREADS, STAT = args.threads, args.stat
+    use_device(args.device)
     setup()
     env = Env(args.quick, args.strategy)
     try:
@@ -326,9 +350,7 @@ def decode_result(env: Env, measure: str, batch: int, rows: list[str] | None, no
         with per_row(c.dw, rows, strategy=env.strategy):
             dw_step = DecodeStep(c.dw, batch)
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                dw_step()  # first step in a context packs the factors (once per generate)
-                first_ms = (time.perf_counter() - t0) * 1e3
+                first_ms = timed_ms(dw_step)  # the first step in a context packs the factors (once per generate)
             fns = {"base": base, "deltaw": dw_step, "peft": peft_step}
             times = time_interleaved(fns, repeats(env.quick, 30, 6), warmup=2)
         packed = cache_nbytes()

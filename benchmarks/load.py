@@ -2,10 +2,9 @@
 """Load an r=16 adapter of the SmolLM2-135M-shape model (all 7 projections, 19.6 MB) from disk (page cache)."""
 
 import sys
-import time
 
 import deltaw
-from _common import Result, Target, summarize, adapter_bytes_deltaw, repeats, standalone
+from _common import Result, Target, summarize, adapter_bytes_deltaw, repeats, standalone, timed_ms
 
 MEASURE = "load"
 TARGET = Target(20.0, "ms")
@@ -16,17 +15,13 @@ def run(env):
     src = str(c.dirs[c.names[1]])
     dw_t, peft_t = [], []
     for i in range(repeats(env.quick, 15, 5) + 1):
-        t0 = time.perf_counter()
-        deltaw.load(c.dw, src, "loaded", activate=False)
-        t1 = time.perf_counter()
+        dw_ms = timed_ms(lambda: deltaw.load(c.dw, src, "loaded", activate=False))
         deltaw.delete(c.dw, "loaded")
-        t2 = time.perf_counter()
-        c.peft.load_adapter(src, adapter_name="loaded")
-        t3 = time.perf_counter()
+        peft_ms = timed_ms(lambda: c.peft.load_adapter(src, adapter_name="loaded"))
         c.peft.delete_adapter("loaded")
         if i:  # the first round warms the page cache and lazy imports
-            dw_t.append((t1 - t0) * 1e3)
-            peft_t.append((t3 - t2) * 1e3)
+            dw_t.append(dw_ms)
+            peft_t.append(peft_ms)
     c.peft.set_adapter(c.names[0])
     med = summarize(dw_t), summarize(peft_t)
     return Result(MEASURE, med[0], med[1], None, adapter_bytes_deltaw(c.dw, c.names[1]) / 2**20)

@@ -4,15 +4,19 @@
 Not one of the issue's nine measures: the in-place path a server that switches merged adapters would take."""
 
 import sys
-import time
 
 import torch
 
 import deltaw
-from _common import Result, Target, base_weights, repeats, standalone, summarize
+from _common import Result, Target, base_weights, repeats, standalone, summarize, timed_ms
 
 MEASURE = "merge_switch"
 TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
+
+
+def _peft_switch(model, name: str) -> None:
+    model.unmerge_adapter()
+    model.merge_adapter([name])
 
 
 def run(env):
@@ -25,15 +29,11 @@ def run(env):
         c.peft.merge_adapter([a])
         for i in range(repeats(env.quick, 10, 4) + 1):
             nxt, prev = (b, a) if i % 2 == 0 else (a, b)
-            t0 = time.perf_counter()
-            deltaw.merge(c.dw, nxt, replace=True)
-            t1 = time.perf_counter()
-            c.peft.unmerge_adapter()
-            c.peft.merge_adapter([nxt])
-            t2 = time.perf_counter()
+            dw_ms = timed_ms(lambda: deltaw.merge(c.dw, nxt, replace=True))
+            peft_ms = timed_ms(lambda: _peft_switch(c.peft, nxt))
             if i:
-                dw_t.append((t1 - t0) * 1e3)
-                peft_t.append((t2 - t1) * 1e3)
+                dw_t.append(dw_ms)
+                peft_t.append(peft_ms)
         deltaw.unmerge(c.dw)
         c.peft.unmerge_adapter()
     exact = all(torch.equal(before[k], v) for k, v in base_weights(c.dw).items())

@@ -5,12 +5,11 @@ deltaw runs its defaults: ``unmerge`` keeps the merged weights' memory (CPU) and
 so the repeats time that steady state; the first cycle, into fresh memory, is reported in the note."""
 
 import sys
-import time
 
 import torch
 
 import deltaw
-from _common import Result, Target, base_weights, repeats, standalone, summarize
+from _common import Result, Target, base_weights, repeats, standalone, summarize, timed_ms
 
 MEASURE = "merge_unmerge"
 TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
@@ -22,21 +21,24 @@ def run(env):
     before_dw = {k: v.clone() for k, v in base_weights(c.dw).items()}
     before_peft = {k: v.clone() for k, v in base_weights(c.peft).items()}
     c.peft.set_adapter(name)
+
+    def dw_cycle():
+        deltaw.merge(c.dw, name)
+        deltaw.unmerge(c.dw)
+
+    def peft_cycle():
+        c.peft.merge_adapter([name])
+        c.peft.unmerge_adapter()
+
     dw_t, peft_t = [], []
     with torch.no_grad():
         for i in range(repeats(env.quick, 10, 4) + 1):
-            t0 = time.perf_counter()
-            deltaw.merge(c.dw, name)
-            deltaw.unmerge(c.dw)
-            t1 = time.perf_counter()
-            c.peft.merge_adapter([name])
-            c.peft.unmerge_adapter()
-            t2 = time.perf_counter()
+            dw_ms, peft_ms = timed_ms(dw_cycle), timed_ms(peft_cycle)
             if i:
-                dw_t.append((t1 - t0) * 1e3)
-                peft_t.append((t2 - t1) * 1e3)
+                dw_t.append(dw_ms)
+                peft_t.append(peft_ms)
             else:
-                first = (t1 - t0) * 1e3
+                first = dw_ms
     after_dw, after_peft = base_weights(c.dw), base_weights(c.peft)
     exact = all(torch.equal(before_dw[k], after_dw[k]) for k in before_dw)
     drift = max((after_peft[k].float() - v.float()).abs().max().item() for k, v in before_peft.items())

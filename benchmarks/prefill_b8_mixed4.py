@@ -4,6 +4,7 @@
 import sys
 import torch
 
+import _common
 from _common import Result, Target, adapter_bytes_deltaw, repeats, standalone, time_interleaved
 
 MEASURE = "prefill_b8_mixed4"
@@ -14,7 +15,7 @@ def run(env):
     from deltaw.batching import clear_cache, per_row
     c = env.bert()
     rows = [c.names[i % 4] for i in range(8)]
-    ids = torch.randint(0, 30522, (8, 128), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 30522, (8, 128), generator=torch.Generator().manual_seed(0)).to(_common.DEVICE)
     mask = torch.ones_like(ids)
 
     def base():

@@ -1,4 +1,5 @@
-"""Shared checks over the toy-model table: init, hand-written reference, merge, switch, stack, disable."""
+"""Shared checks over the toy-model table: init, hand-written reference, merge, switch, stack, disable. The table's
+checks run on ``DELTAW_TEST_DEVICE`` (conftest.py; default cpu)."""
 
 import dataclasses
 
@@ -11,21 +12,22 @@ from toy_models import CASE_IDS, CASES, plain_copy_with, randomize, reference_we
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.fixture(params=CASES, ids=CASE_IDS)
+@pytest.fixture(params=[pytest.param(c, marks=pytest.mark.device) for c in CASES], ids=CASE_IDS)
 def case(request):
+    """A row of the model table, on the ``device`` fixture's device (these checks run on CUDA too)."""
     return request.param
 
 
-def test_output_equals_base_at_init(case):
-    model, x = case.build(), case.input()
+def test_output_equals_base_at_init(case, device):
+    model, x = case.build(device=device), case.input(device=device)
     base = case.run(model, x)
     info = deltaw.attach(model, case.config, "a")
     assert info.modules, "nothing was wrapped"
     assert torch.equal(case.run(model, x), base)
 
 
-def test_only_adapter_parameters_are_trainable(case):
-    model = case.build()
+def test_only_adapter_parameters_are_trainable(case, device):
+    model = case.build(device=device)
     deltaw.attach(model, case.config, "a")
     adapter_ids = {id(p) for p in deltaw.adapter_parameters(model, "a")}
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
@@ -33,18 +35,18 @@ def test_only_adapter_parameters_are_trainable(case):
     assert deltaw.count_parameters(model) == sum(p.numel() for p in deltaw.adapter_parameters(model))
 
 
-def test_live_output_equals_hand_written_reference(case):
-    model, x = case.build(), case.input()
+def test_live_output_equals_hand_written_reference(case, device):
+    model, x = case.build(device=device), case.input(device=device)
     deltaw.attach(model, case.config, "a")
     randomize(model, "a")
     expected = case.run(plain_copy_with(model, case, reference_weights(model, {"a": 1.0})), x)
     got = case.run(model, x)
-    assert not torch.allclose(got, case.run(case.build(), x), **TOL), "adapter had no effect"
+    assert not torch.allclose(got, case.run(case.build(device=device), x), **TOL), "adapter had no effect"
     torch.testing.assert_close(got, expected, **TOL)
 
 
-def test_stack_switch_deactivate(case):
-    model, x = case.build(), case.input()
+def test_stack_switch_deactivate(case, device):
+    model, x = case.build(device=device), case.input(device=device)
     base = case.run(model, x)
     deltaw.attach(model, case.config, "a")
     deltaw.attach(model, case.config, "b")
@@ -64,8 +66,8 @@ def test_stack_switch_deactivate(case):
     assert torch.equal(case.run(model, x), base)
 
 
-def test_merge_unmerge_exact_and_disabled(case):
-    model, x = case.build(), case.input()
+def test_merge_unmerge_exact_and_disabled(case, device):
+    model, x = case.build(device=device), case.input(device=device)
     base = case.run(model, x)
     deltaw.attach(model, case.config, "a")
     deltaw.attach(model, case.config, "b")
@@ -88,21 +90,21 @@ def test_merge_unmerge_exact_and_disabled(case):
     assert torch.equal(case.run(model, x), live)
 
 
-def test_merge_and_unload_gives_plain_model(case):
-    model, x = case.build(), case.input()
+def test_merge_and_unload_gives_plain_model(case, device):
+    model, x = case.build(device=device), case.input(device=device)
     deltaw.attach(model, case.config, "a")
     randomize(model, "a")
     live = case.run(model, x)
     plain = deltaw.merge_and_unload(model)
     assert not any(isinstance(m, deltaw.layers.LoraLayer) for m in plain.modules())
     assert deltaw.adapters(plain) == []
-    fresh_keys = set(case.build().state_dict())
+    fresh_keys = set(case.build(device=device).state_dict())
     assert set(plain.state_dict()) == fresh_keys
     torch.testing.assert_close(case.run(plain, x), live, **TOL)
 
 
-def test_delete_removes_parameters(case):
-    model, x = case.build(), case.input()
+def test_delete_removes_parameters(case, device):
+    model, x = case.build(device=device), case.input(device=device)
     base = case.run(model, x)
     deltaw.attach(model, case.config, "a")
     deltaw.attach(model, case.config, "b")
@@ -114,11 +116,11 @@ def test_delete_removes_parameters(case):
     assert torch.equal(case.run(model, x), base)
 
 
-def test_training_with_dropout_updates_only_adapter(case):
+def test_training_with_dropout_updates_only_adapter(case, device):
     """One optimizer step in train mode with dropout: adapters move, base weights do not (embeddings included:
     dropout must not be applied to integer ids)."""
     import dataclasses
-    model, x = case.build(), case.input()
+    model, x = case.build(device=device), case.input(device=device)
     deltaw.attach(model, dataclasses.replace(case.config, dropout=0.1), "a")
     randomize(model, "a")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -134,13 +136,13 @@ def test_training_with_dropout_updates_only_adapter(case):
     assert all(torch.equal(after[k], before[k]) for k in after if k not in adapter_keys)
 
 
-def test_walk_is_named_modules_without_wrapper_insides(case):
+def test_walk_is_named_modules_without_wrapper_insides(case, device):
     """``api._walk`` (the short walk that loading uses) lists what ``named_modules`` lists, in the same order,
     minus the modules inside a wrapper; a module reachable twice appears once."""
     from deltaw.api import _walk
     from deltaw.layers import LoraLayer, ModulesToSave
 
-    model = case.build()
+    model = case.build(device=device)
     model.shared_alias = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
     deltaw.attach(model, case.config, "a")
     wrappers = [p for p, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
@@ -237,15 +239,15 @@ def test_failed_attach_leaves_no_wrapper_and_restores_requires_grad():
     deltaw.attach(model, config, "a")  # and the model still takes an adapter
 
 
-def test_new_wrappers_take_the_models_train_or_eval_mode(case, tmp_path):
+def test_new_wrappers_take_the_models_train_or_eval_mode(case, device, tmp_path):
     """A new nn.Module starts in train mode: wrappers attached to (or loaded into) an eval-mode model kept
     their adapter dropout on, so inference was random (every model from from_pretrained is in eval mode)."""
     config = dataclasses.replace(case.config, dropout=0.5)
-    model, x = case.build().eval(), case.input()
+    model, x = case.build(device=device).eval(), case.input(device=device)
     deltaw.attach(model, config, "a")
     randomize(model, "a")
     deltaw.save(model, tmp_path / "a", "a")
-    fresh = case.build().eval()
+    fresh = case.build(device=device).eval()
     deltaw.load(fresh, tmp_path / "a", "a")
     for m in (model, fresh):
         assert not any(module.training for module in m.modules())
@@ -253,15 +255,15 @@ def test_new_wrappers_take_the_models_train_or_eval_mode(case, tmp_path):
             torch.testing.assert_close(case.run(m, x), case.run(m, x), rtol=0, atol=0)
     model.train()
     assert all(layer.training for layer in deltaw.state(model).layers.values())
-    trained = case.build().train()
+    trained = case.build(device=device).train()
     deltaw.attach(trained, config, "a")
     assert all(module.training for module in trained.modules())
 
 
-def test_wrappers_expose_the_base_layers_weight_and_bias(case):
+def test_wrappers_expose_the_base_layers_weight_and_bias(case, device):
     """Model code reads ``module.weight`` of layers it owns (T5's feed-forward checks ``wo.weight.dtype``):
     on a wrapper that raised AttributeError."""
-    model = case.build()
+    model = case.build(device=device)
     deltaw.attach(model, case.config, "a")
     for layer in deltaw.state(model).layers.values():
         assert layer.weight is layer.base_layer.weight

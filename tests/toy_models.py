@@ -61,7 +61,7 @@ class EmbeddingNet(nn.Module):
         self.out = nn.Linear(16, 50)
 
     def forward(self, ids):
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
+        pos = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
         return self.out(self.emb(ids) + self.pos(pos))
 
 
@@ -133,13 +133,13 @@ class Case:
     config: deltaw.LoraConfig
     peft_kwargs: dict = field(default_factory=dict)
 
-    def build(self, seed: int = 0) -> nn.Module:
+    def build(self, seed: int = 0, device: torch.device | str = "cpu") -> nn.Module:
         torch.manual_seed(seed)
-        return self.build_fn().eval()
+        return self.build_fn().eval().to(device)  # built on CPU: the same weights on every device
 
-    def input(self, seed: int = 1) -> torch.Tensor:
+    def input(self, seed: int = 1, device: torch.device | str = "cpu") -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        return self.make_input(g)
+        return self.make_input(g).to(device)
 
     def run(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -210,8 +210,9 @@ def reference_weights(model: nn.Module, weighted: dict[str, float]) -> dict[str,
 
 
 def plain_copy_with(model: nn.Module, case: Case, weights: dict[str, torch.Tensor], seed: int = 0) -> nn.Module:
-    """A fresh plain model (same base) whose wrapped modules' weights are replaced by ``weights``."""
-    plain = case.build(seed)
+    """A fresh plain model (same base, on the weights' device) whose wrapped modules' weights are replaced by
+    ``weights``."""
+    plain = case.build(seed, next(iter(weights.values())).device)
     with torch.no_grad():
         for path, w in weights.items():
             plain.get_submodule(path).weight.copy_(w.to(plain.get_submodule(path).weight.dtype))

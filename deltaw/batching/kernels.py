@@ -32,6 +32,7 @@ dimension of ``x``; a leading dimension of ``k·B`` (beam search / ``num_return_
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections import OrderedDict
@@ -92,6 +93,29 @@ def layer_kind(layer: LoraLayer) -> str:
             and cls.project_out is LoraEmbedding.project_out):
         return "embedding"
     return "other"
+
+
+def _const(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant of the batch's layout (row indexes, per-row weights, masks; read-only) on ``device``.
+
+    On a GPU, ``torch.tensor(list, device=...)`` is a blocking copy from pageable memory that first waits for
+    every queued kernel, and a mask filled element by element is one launch per element: both stall the
+    pipeline of a decode step. So the value is built on the host and copied once per distinct content and
+    device (an LRU; the same rows recur in every layer and step). On the CPU it is built fresh: that is free."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return _device_const(_frozen(values), dtype, device)
+
+
+def _frozen(values: list | tuple | float | int) -> tuple | float | int:
+    return tuple(_frozen(v) for v in values) if isinstance(values, (list, tuple)) else values
+
+
+@functools.lru_cache(maxsize=512)
+def _device_const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # a normal tensor even when first asked for inside inference_mode: a grad-enabled forward may reuse it
+    with torch.inference_mode(False), torch.no_grad():
+        return torch.tensor(values, dtype=dtype).to(device)
 
 
 def _identity(layer: LoraLayer, name: str) -> tuple:
@@ -255,10 +279,8 @@ class LayerRows:
             return y
         for name in self.names:
             scale = self.layer.scaling[name]
-            w = torch.tensor([dict(spec).get(name, 0.0) * scale for spec in self.specs], dtype=y.dtype,
-                             device=y.device)  # (B,)
-            if k > 1:
-                w = w.repeat_interleave(k)
+            w = _const([dict(spec).get(name, 0.0) * scale for spec in self.specs for _ in range(k)], y.dtype,
+                       y.device)  # (N,): row r's weight on its k entries
             w = w.view(-1, *([1] * (y.dim() - 1)))  # (N, 1, ...) broadcasts over tokens / channels
             y = y + self.layer.lora_out(name, x, y.dtype) * w
         return y
@@ -301,15 +323,18 @@ class LayerRows:
             ranks = [sum(self.layer.rank(n) for n, _ in s) for s in specs]
             a0, b0, _ = self._factors(specs[0][0][0])
             r_max, in_f, out_f = max(ranks), a0.shape[1], b0.shape[0]
-            a_st = a0.new_zeros(len(specs), in_f, r_max)  # (G, in, Rmax)
-            b_st = b0.new_zeros(len(specs), r_max, out_f)  # (G, Rmax, out)
+            # the widest factor dtype (a model cast to half after one attach holds fp16 and fp32 adapters), as
+            # torch.cat promotes in the concatenated pack: no adapter is rounded to another's precision
+            dtype = functools.reduce(torch.promote_types, (self._factors(n)[0].dtype for s in specs for n, _ in s))
+            a_st = a0.new_zeros(len(specs), in_f, r_max, dtype=dtype)  # (G, in, Rmax)
+            b_st = b0.new_zeros(len(specs), r_max, out_f, dtype=dtype)  # (G, Rmax, out)
             for g, spec in enumerate(specs):
                 start = 0
                 for n, w in spec:
                     a, b, s = self._factors(n)
                     r = a.shape[0]
                     a_st[g, :, start:start + r] = a.t()
-                    b_st[g, start:start + r] = b.t() * (w * s)
+                    b_st[g, start:start + r] = b.t().to(dtype) * (w * s)  # scaled in the pack's precision
                     start += r
             return a_st, b_st
 
@@ -326,8 +351,8 @@ class LayerRows:
         else:
             a_cat, bt_cat, cols = self._pack_concat()
             a_in, alpha = a_cat, 1.0  # (R, in) | embedding: (num, R)
-            scale = torch.cat([torch.full((cols[n].stop - cols[n].start,), w * self.layer.scaling[n],
-                                          dtype=bt_cat.dtype, device=bt_cat.device) for n, w in spec])
+            scale = _const([w * self.layer.scaling[n] for n, w in spec for _ in range(cols[n].stop - cols[n].start)],
+                           bt_cat.dtype, bt_cat.device)  # (R,)
             # Columns of a single spec appear once each and in order, so the pack's rows align with ``scale``.
             bt = bt_cat * scale[:, None]  # (R, out)
         project = self._project_in(a_in, single=len(spec) == 1)
@@ -390,13 +415,14 @@ class LayerRows:
     def dense_kernel(self, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """h = project_in(x, A_cat) (N, ..., R); h *= mask (N, 1.., R) [w·s per row and column]; y += h·Bᵀ."""
         a_cat, bt_cat, cols = self._pack_concat()
-        mask = torch.zeros(self.B, a_cat.shape[1] if self.kind == "embedding" else a_cat.shape[0],
-                           dtype=bt_cat.dtype, device=bt_cat.device)  # (B, R)
-        for row, spec in enumerate(self.specs):
+        width = a_cat.shape[1] if self.kind == "embedding" else a_cat.shape[0]
+        rows = []
+        for spec in self.specs:
+            row = [0.0] * width
             for n, w in spec:
-                mask[row, cols[n]] = w * self.layer.scaling[n]
-        if k > 1:
-            mask = mask.repeat_interleave(k, 0)  # (N, R)
+                row[cols[n]] = [w * self.layer.scaling[n]] * (cols[n].stop - cols[n].start)
+            rows.extend([row] * k)
+        mask = _const(rows, bt_cat.dtype, bt_cat.device)  # (N, R): row r's w·s per column, on its k entries
         project = self._project_in(a_cat)
 
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -432,13 +458,13 @@ class LayerRows:
             return run_views
         pad_row = order[0]
         idx_rows = [m + [pad_row] * (width - len(m)) for m in members]  # (G, width)
-        idx = torch.tensor(idx_rows, dtype=torch.long, device=a_st.device).view(-1)  # (G·width,)
         pad = None
         if not balanced:
-            pad = torch.tensor([[1.0] * len(m) + [0.0] * (width - len(m)) for m in members], dtype=a_st.dtype,
-                               device=a_st.device).view(G, width, 1, 1)  # zero the padded slots' output
+            pad = _const([[1.0] * len(m) + [0.0] * (width - len(m)) for m in members], a_st.dtype,
+                         a_st.device).view(G, width, 1, 1)  # zero the padded slots' output
         # Index over the leading dimension N = k·B: row r owns entries r·k .. r·k + k - 1.
-        idx_n = (idx[:, None] * k + torch.arange(k, device=idx.device)).view(-1) if k > 1 else idx
+        idx_n = _const([r * k + j for m in idx_rows for r in m for j in range(k)], torch.long,
+                       a_st.device)  # (G·width·k,)
 
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             in_f = x.shape[-1]
@@ -463,7 +489,7 @@ class LayerRows:
         B = self.B
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            g = torch.tensor([x if x >= 0 else self.G for x in self.row_group], device=a_st.device)
+            g = _const([x if x >= 0 else self.G for x in self.row_group], torch.long, a_st.device)  # (B,)
             a_z = torch.cat([a_st, a_st.new_zeros(1, *a_st.shape[1:])])  # a zero entry for rows with none
             b_z = torch.cat([b_st, b_st.new_zeros(1, *b_st.shape[1:])])
             return a_z.index_select(0, g), b_z.index_select(0, g)  # (B, in, Rmax), (B, Rmax, out)

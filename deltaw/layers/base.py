@@ -13,6 +13,7 @@ pointer swap that restores W0 bit for bit -- subtracting a recomputed delta drif
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -117,6 +118,22 @@ def _sole_user(t: torch.Tensor) -> bool:
     autograd tensor shares it), so writing into it changes nothing anyone else can see; False when unknown."""
     count, sole = _use_count(t), _sole_use_count()
     return count is not None and sole is not None and count <= sole
+
+
+@contextlib.contextmanager
+def _full_precision_products():
+    """fp32 products in fp32 for a merge, whatever precision the user allows the forward: with
+    ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA; "medium": bf16 on CPUs that have it) ΔW would
+    be computed with a 10- or 8-bit mantissa, and the merged weight would no longer be W0 + ΔW rounded once."""
+    before = torch.get_float32_matmul_precision()
+    if before == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _is_zero_in(alpha: float, dtype: torch.dtype) -> bool:
@@ -373,7 +390,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 f"the weight of this layer is tied to {', '.join(self.tied_with)}; merging would change those "
                 "too. Untie the weights first (e.g. clone the output head's weight)"
             )
-        with torch.no_grad():
+        with torch.no_grad(), _full_precision_products():
             # Merge is bound by bytes moved: one pass over W0 for the whole stack where a fused kernel exists,
             # else one addmm per adapter. Layout of W0, at least fp32 so small updates survive bf16/fp16 bases
             # (fp64 stays fp64).

@@ -261,13 +261,16 @@ def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
 
     The caller (``LoraLinear.add_lora_``, the no-autograd inference path) passes the layer's fresh output as y,
     which nothing has saved for backward, so the write needs no version-counter bump.
-    This runs ~200 times per decoded token: plain attribute checks only."""
-    lib = _lib if _tried else kernel()
-    if (lib is None or not _plain(x, y) or y.dtype is not torch.float32 or x.dtype is not torch.float32
+    This runs ~200 times per decoded token: plain attribute checks only, and those before the library is first
+    asked for (a model on another device must not compile a CPU kernel it can never use)."""
+    if (not _plain(x, y) or y.dtype is not torch.float32 or x.dtype is not torch.float32
             or a.dtype is not torch.float32 or b.dtype is not torch.float32
             or not (y.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu)
             or not (a.is_contiguous() and b.is_contiguous() and x.is_contiguous() and y.is_contiguous())
             or a.dim() != 2 or b.dim() != 2):
+        return False
+    lib = _lib if _tried else kernel()
+    if lib is None:
         return False
     r, n_in = a.shape
     n_out = b.shape[0]

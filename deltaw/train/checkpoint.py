@@ -120,7 +120,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: dict[int, str], tens
         pname, _, field_name = key.rpartition("::")
         if pname not in index:
             raise CheckpointError(f"optimizer state names parameter {pname!r}, which this model's adapter lacks")
-        state.setdefault(index[pname], {})[field_name] = t.to(order[index[pname]].device)
+        # as read (CPU): the optimizer's own load_state_dict puts each value where a fresh run keeps it (moments
+        # on the parameter's device; Adam's step count on the CPU unless capturable/fused, as a GPU step count
+        # costs one device sync per parameter per step)
+        state.setdefault(index[pname], {})[field_name] = t
     missing = set(index) - {k.rpartition("::")[0] for k in tensors}
     if missing and tensors:
         raise CheckpointError(f"optimizer state lacks parameters {sorted(missing)[:3]}")

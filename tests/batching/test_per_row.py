@@ -361,3 +361,52 @@ def test_adapters_created_in_inference_mode():
                 got = model(x)
             torch.testing.assert_close(got, _alone(model, x, rows), **TOL)
             deltaw.adapter_parameters(model, "a")[1].mul_(2.0)  # seen by the next context
+
+
+def test_stack_packs_keep_every_adapter_in_its_own_precision():
+    """Attach, then ``model.half()``: that adapter's factors become fp16, one attached later gets fp32 (half
+    bases get fp32 factors). The stack pack took the first adapter's dtype and rounded the fp32 one to fp16."""
+    from deltaw.batching.kernels import LayerRows
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "early")
+    model.half()
+    deltaw.attach(model, deltaw.LoraConfig(r=3, target_modules=["0"]), "late")
+    _randomize(model, "early", seed=1)
+    _randomize(model, "late", seed=2)
+    layer = model[0]
+    assert (layer.lora_A["early"].dtype, layer.lora_A["late"].dtype) == (torch.float16, torch.float32)
+    clear_cache()
+    a_st, b_st = LayerRows(layer, ((("early", 1.0),), (("late", 1.0), ("early", 0.5))), "grouped")._pack_stacks()
+    assert a_st.dtype == b_st.dtype == torch.float32
+    assert torch.equal(a_st[1, :, :3], layer.lora_A["late"].detach().t())
+    assert torch.equal(b_st[1, :3], layer.lora_B["late"].detach().t() * layer.scaling["late"])
+    clear_cache()
+
+
+@pytest.mark.parametrize("strategy", ["reference", "grouped", "dense", "rowwise"])
+def test_layout_constants_reach_other_devices_once_and_outlive_inference_mode(strategy):
+    """On a GPU each kernel build copied its row indexes / masks with blocking host-to-device copies (and the
+    reference path did so on every forward); they are now made once per content and device. A meta-device model
+    takes that path here: the first forward runs under inference_mode, and a later grad-enabled forward reuses the
+    same constants (inference tensors would refuse to be saved for backward)."""
+    from deltaw.batching import kernels
+    torch.manual_seed(0)
+    model = _llama().to("meta")
+    rows = ["a", "b", None, {"a": 0.5, "c": -1.0}]
+    x = torch.zeros(len(rows), 5, dtype=torch.long, device="meta")
+    kernels._device_const.cache_clear()
+    clear_cache()
+    with torch.inference_mode(), per_row(model, rows, strategy=strategy):
+        assert _out(model, x).device.type == "meta"
+    built = kernels._device_const.cache_info().currsize
+    assert built > 0
+    clear_cache()  # kernels are built again: from the same contents, nothing is copied again
+    with torch.inference_mode(), per_row(model, rows, strategy=strategy):
+        _out(model, x)
+    assert kernels._device_const.cache_info().currsize == built
+    with per_row(model, rows, strategy=strategy):  # with autograd (the reference path reuses its weights)
+        out = _out(model, x)
+    assert out.requires_grad and out.device.type == "meta"
+    a = kernels._const([1, 2], torch.long, torch.device("meta"))
+    assert a is kernels._const([1, 2], torch.long, torch.device("meta")) and not a.is_inference()

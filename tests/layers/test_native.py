@@ -575,3 +575,18 @@ def test_row_kernel_declines_overlapping_input_and_output_and_gemv_an_empty_b() 
     assert not native.lora_rows_(y, y, terms)  # a later term would read rows an earlier one wrote
     assert torch.equal(y, before)
     assert not native.lora_gemv_(torch.zeros(1, 0), torch.randn(1, 8), a, torch.randn(0, 4), 1.0)
+
+
+def test_a_model_on_another_device_never_builds_the_cpu_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decode path asked for the library before checking the tensors' device: the first no-grad forward of
+    a CUDA model ran the C compiler (~1.5 s) and cached a kernel it could never use. A meta-device model takes
+    the same path on a CPU-only machine."""
+    calls = []
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "kernel", lambda: calls.append(1))
+    model = Single(nn.Linear(8, 8)).to("meta").eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["layer"]), "a")
+    with torch.no_grad():
+        for tokens in (1, 3):
+            assert model(torch.empty(tokens, 8, device="meta")).shape == (tokens, 8)
+    assert calls == []

@@ -67,8 +67,8 @@ def save_adapters(model, root: Path, names, targets, seed: int = 100) -> None:
 class Offline:
     """Greedy ``generate`` on a separate model copy with the named adapter active (None: the base)."""
 
-    def __init__(self, root: Path, tokenizer) -> None:
-        self.model = make_llama()
+    def __init__(self, root: Path, tokenizer, device: torch.device | str = "cpu") -> None:
+        self.model = make_llama().to(device)
         self.tokenizer = tokenizer
         for name in ADAPTERS:
             deltaw.load(self.model, root / name, name, activate=False)
@@ -78,9 +78,9 @@ class Offline:
         key = (tuple(prompt_ids), adapter, max_tokens)
         if key not in self._memo:
             with deltaw.using(self.model, adapter), torch.no_grad():
-                out = self.model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
-                                          dtype=torch.long), max_new_tokens=max_tokens, do_sample=False,
-                                          pad_token_id=0)
+                ids = torch.tensor([prompt_ids], device=self.model.device)
+                out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                          do_sample=False, pad_token_id=0)
             new = out[0, len(prompt_ids):].tolist()
             self._memo[key] = new[:new.index(2)] if 2 in new else new  # the server never emits EOS
         return self._memo[key]
@@ -106,6 +106,31 @@ def start_server(adapters_root: Path | None, tokenizer, model=None, **settings):
     thread = ServerThread(server)
     url = thread.start()
     return server, thread, url
+
+
+def mixed_requests(seed: int, count: int, max_tokens: tuple[int, int]) -> list[tuple[str, str, int, bool]]:
+    """(model, prompt, max_tokens, stream) over the base ("tiny") and every adapter; every third one streams."""
+    import random
+    rng = random.Random(seed)
+    requests = []
+    for i in range(count):
+        model = rng.choice(("tiny", *ADAPTERS))
+        prompt = " ".join(f"w{rng.randrange(57)}" for _ in range(rng.randint(1, 9)))
+        requests.append((model, prompt, rng.randint(*max_tokens), i % 3 == 0))
+    return requests
+
+
+def wrong_answers(url: str, requests: list[tuple[str, str, int, bool]], reference: "Offline") -> list:
+    """Send ``requests`` (greedy) all at once; those whose completion differs from the reference's, with it."""
+    bodies = [{"model": m, "prompt": p, "max_tokens": n, "temperature": 0, "stream": stream}
+              for m, p, n, stream in requests]
+    got = []
+    for status, body in concurrently(url, bodies):
+        assert status == 200, body
+        got.append(body["choices"][0]["text"] if isinstance(body, dict)
+                   else "".join(e["choices"][0]["text"] for e in body[:-1]))
+    return [(req, g) for req, g in zip(requests, got)
+            if g != reference.text(req[1], None if req[0] == "tiny" else req[0], req[2])]
 
 
 def concurrently(url: str, bodies: list[dict], path: str = "/v1/completions", limit: int = 16) -> list:

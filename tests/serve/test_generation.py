@@ -4,12 +4,11 @@ concurrency with zero wrong-adapter answers."""
 from __future__ import annotations
 
 import json
-import random
 
 import httpx
 import pytest
 
-from serve_helpers import ADAPTERS, concurrently, start_server
+from serve_helpers import ADAPTERS, concurrently, mixed_requests, start_server, wrong_answers
 
 
 def sse_events(response: httpx.Response) -> list:
@@ -117,23 +116,8 @@ def test_mixed_adapters_concurrently_equal_offline(served, offline):
     """40 concurrent requests over 4 adapters + the base: every answer equals its own offline generation, and
     the server really mixed adapters inside decode steps."""
     server, url = served
-    rng = random.Random(3)
-    requests = []
-    for i in range(40):
-        model = rng.choice(("tiny", *ADAPTERS))
-        prompt = " ".join(f"w{rng.randrange(57)}" for _ in range(rng.randint(1, 9)))
-        requests.append((model, prompt, rng.randint(4, 24), i % 3 == 0))
     before = server.metrics.batch_adapters.render()
-    bodies = [{"model": m, "prompt": p, "max_tokens": n, "temperature": 0, "stream": stream}
-              for m, p, n, stream in requests]
-    got = []
-    for status, body in concurrently(url, bodies):
-        assert status == 200, body
-        got.append(body["choices"][0]["text"] if isinstance(body, dict)
-                   else "".join(e["choices"][0]["text"] for e in body[:-1]))
-    wrong = [(req, g) for req, g in zip(requests, got)
-             if g != offline.text(req[1], None if req[0] == "tiny" else req[0], req[2])]
-    assert wrong == []
+    assert wrong_answers(url, mixed_requests(3, 40, (4, 24)), offline) == []
     hist = server.metrics.batch_adapters.render()
     assert hist != before
     # Some decode steps ran with more than one distinct adapter in the batch.

@@ -116,3 +116,23 @@ def test_check_data_names_what_changed_and_refuses_unfingerprinted_checkpoints()
         ckpt.check_data({"data": {"data": {"spec": "bbc:tech"}}}, {"data": {"spec": "bbc:sport"}}, Path("ck"))
     with pytest.raises(CheckpointError, match="no fingerprint of its training data"):
         ckpt.check_data({"format": ckpt.FORMAT}, old, Path("ck"))  # written before checkpoints recorded it
+
+
+def test_restored_optimizer_state_sits_where_a_fresh_run_keeps_it():
+    """Resuming moved every saved optimizer value to its parameter's device, Adam's step counts included; a
+    fresh AdamW keeps those on the CPU (on a GPU each step then read them back: one device sync per parameter
+    per step). Shown with parameters on the meta device: the moments follow the parameter, the counts stay."""
+    from deltaw.train import checkpoint as ckpt
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    names = {id(p): f"p{i}" for i, p in enumerate(params)}
+    opt = torch.optim.AdamW(params, lr=0.1)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    tensors, groups = ckpt.optimizer_tensors(opt, names)
+    on_meta = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in params]
+    fresh = torch.optim.AdamW(on_meta, lr=0.1)
+    ckpt.load_optimizer(fresh, {id(p): f"p{i}" for i, p in enumerate(on_meta)}, tensors, groups)
+    for p in on_meta:
+        state = fresh.state[p]
+        assert state["step"].device.type == "cpu" and state["step"].item() == 1
+        assert state["exp_avg"].device.type == "meta" and state["exp_avg_sq"].device.type == "meta"
