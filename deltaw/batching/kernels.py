@@ -279,8 +279,9 @@ class LayerRows:
             return y
         for name in self.names:
             scale = self.layer.scaling[name]
-            w = _const([dict(spec).get(name, 0.0) * scale for spec in self.specs for _ in range(k)], y.dtype,
-                       y.device)  # (N,): row r's weight on its k entries
+            w = _const([dict(spec).get(name, 0.0) * scale for spec in self.specs], y.dtype, y.device)  # (B,)
+            if k > 1:
+                w = w.repeat_interleave(k)  # (N,): row r's weight on its k entries
             w = w.view(-1, *([1] * (y.dim() - 1)))  # (N, 1, ...) broadcasts over tokens / channels
             y = y + self.layer.lora_out(name, x, y.dtype) * w
         return y
@@ -421,8 +422,10 @@ class LayerRows:
             row = [0.0] * width
             for n, w in spec:
                 row[cols[n]] = [w * self.layer.scaling[n]] * (cols[n].stop - cols[n].start)
-            rows.extend([row] * k)
-        mask = _const(rows, bt_cat.dtype, bt_cat.device)  # (N, R): row r's w·s per column, on its k entries
+            rows.append(row)
+        mask = _const(rows, bt_cat.dtype, bt_cat.device)  # (B, R): each row's w·s per column
+        if k > 1:
+            mask = mask.repeat_interleave(k, 0)  # (N, R)
         project = self._project_in(a_cat)
 
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -462,9 +465,9 @@ class LayerRows:
         if not balanced:
             pad = _const([[1.0] * len(m) + [0.0] * (width - len(m)) for m in members], a_st.dtype,
                          a_st.device).view(G, width, 1, 1)  # zero the padded slots' output
+        idx = _const([r for m in idx_rows for r in m], torch.long, a_st.device)  # (G·width,)
         # Index over the leading dimension N = k·B: row r owns entries r·k .. r·k + k - 1.
-        idx_n = _const([r * k + j for m in idx_rows for r in m for j in range(k)], torch.long,
-                       a_st.device)  # (G·width·k,)
+        idx_n = (idx[:, None] * k + torch.arange(k, device=idx.device)).view(-1) if k > 1 else idx
 
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             in_f = x.shape[-1]
