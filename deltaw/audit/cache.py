@@ -116,7 +116,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str | None:
 
 def cache_key(model: nn.Module, probe: Probe, config: DebiasConfig, fillers: Sequence[str],
               templates: Sequence[str], target: dict[str, float], *, tokenizer: Any = None) -> str:
-    # Only what training reads (documentation fields such as "source" may change freely).
+    # Only what training reads (documentation fields such as "source" may change freely). Not the device: an
+    # adapter trained on a GPU serves a CPU audit of the same base (their numbers differ by float rounding).
     used = {"slot": probe.slot, "values": probe.values, "modifiers": probe.modifiers, "neutral": probe.neutral}
     blob = json.dumps({"format": CACHE_FORMAT, "model": model_fingerprint(model),
                        "tokenizer": tokenizer_fingerprint(tokenizer), "probe": used,

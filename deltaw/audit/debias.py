@@ -305,15 +305,17 @@ def _tv_by_cell(model: nn.Module, tokenizer, probe: Probe, tokens: AttributeToke
     if base:
         with api.disabled(model):
             return _tv_by_cell(model, tokenizer, probe, tokens, fillers, templates)
-    target = torch.tensor([probe.target[v] for v in probe.value_names], dtype=torch.float64)
+    target = torch.tensor([probe.target[v] for v in probe.value_names], dtype=torch.float64)  # (K,)
     out: dict[str, float] = {}
     cells = {"train": (fillers, templates), "heldout": (probe.fillers["heldout"], probe.templates["heldout"])}
     for cell, (fs, ts) in cells.items():
         if not fs or not ts:
             continue
         prompts = probe.prompts(fs, ts)
-        logits = last_token_logits(model, encode_prompts(tokenizer, [p.text for p in prompts]))
-        out[cell] = float(total_variation(attribute_distribution(logits, tokens)[0].double(), target).mean())
+        logits = last_token_logits(model, encode_prompts(tokenizer, [p.text for p in prompts]))  # (N, V)
+        # On the CPU in float64, as ``measure`` keeps its tables: the same TV for the same model on any device.
+        p_attr = attribute_distribution(logits, tokens)[0].to("cpu", torch.float64)  # (N, K)
+        out[cell] = float(total_variation(p_attr, target).mean())
     return out
 
 

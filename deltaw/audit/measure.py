@@ -176,14 +176,19 @@ def attribute_distribution(logits: torch.Tensor, tokens: AttributeTokens) -> tup
 
 
 def kl_target(p_attr: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """KL(target ‖ p_attr) per row, with 0·log 0 = 0 (target may have zeros)."""
-    t = target.to(p_attr.dtype).expand_as(p_attr)
+    """KL(target ‖ p_attr) per row, with 0·log 0 = 0 (target may have zeros).
+
+    The target follows ``p_attr`` to its device and dtype: it is built on the CPU from the probe, while a
+    caller may pass a distribution straight off a CUDA model.
+    """
+    t = target.to(p_attr.device, p_attr.dtype).expand_as(p_attr)  # (N, K)
     logs = torch.where(t > 0, t.clamp_min(1e-300).log() - p_attr.clamp_min(1e-300).log(), torch.zeros_like(t))
     return (t * logs).sum(-1)
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (p - q.to(p.dtype)).abs().sum(-1)
+    """½ Σ |p − q| over the last dim; ``q`` (the target, a CPU tensor) follows ``p`` to its device and dtype."""
+    return 0.5 * (p - q.to(p.device, p.dtype)).abs().sum(-1)
 
 
 @torch.no_grad()
@@ -273,14 +278,14 @@ class Measurement:
     values: tuple[str, ...]
     target: dict[str, float]
     prompts: list[Prompt]
-    p_attr: torch.Tensor  # (N, K) float64
-    mass: torch.Tensor | None  # (N,) exact mode only
+    p_attr: torch.Tensor  # (N, K) float64, CPU
+    mass: torch.Tensor | None  # (N,) float64, CPU; exact mode only
     controls: list[Prompt]
-    control_p: torch.Tensor  # (M, K)
+    control_p: torch.Tensor  # (M, K) float64, CPU
     heldout_ppl: float | None = None
     neutral_kl: float | None = None
-    logits: torch.Tensor | None = None  # (N, V) last-token logits, kept when asked (bit-exact comparisons)
-    neutral_logprobs: list[torch.Tensor] | None = None
+    logits: torch.Tensor | None = None  # (N, V) last-token logits, model's device; kept when asked (bit-exact checks)
+    neutral_logprobs: list[torch.Tensor] | None = None  # per text (L, V), on the model's device
     seconds: float = 0.0
     unscored: torch.Tensor | None = None  # sampled mode: per prompt, samples the attribute function skipped
     samples: list[list[str]] | None = None
@@ -432,12 +437,23 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 def neutral_kl(model_logprobs: Sequence[torch.Tensor], base_logprobs: Sequence[torch.Tensor]) -> float:
-    """Mean over all positions of KL(base ‖ model) on the full vocabulary."""
+    """Mean over all positions of KL(base ‖ model) on the full vocabulary.
+
+    The base rows are moved to the model's device (a no-op when they share one): a reference measured on
+    another device -- a CPU base next to a CUDA model -- must give the KL, not a device error.
+    """
     total, count = 0.0, 0
     for m, b in zip(model_logprobs, base_logprobs):
+        b = b.to(m.device)  # (L, V)
         total += float((b.exp() * (b - m)).sum())
         count += b.shape[0]
     return total / max(count, 1)
+
+
+def _table(t: torch.Tensor) -> torch.Tensor:
+    """A probability table as a Measurement keeps it: CPU, float64 (float32 -> float64 is exact, so the values
+    are those the model's device computed)."""
+    return t.detach().to("cpu", torch.float64)
 
 
 def has_adapters(model: nn.Module) -> bool:
@@ -510,9 +526,11 @@ def measure(model: nn.Module, tokenizer, probe: Probe, *, label: str = "model", 
                 with api.disabled(model):
                     kl_value = neutral_kl(n_logp, all_position_logprobs(model, neutral_ids))
         ppl = perplexity(model, ppl_ids) if ppl_ids is not None else None
+    # The probability tables are tiny ((N, K)); they live on the CPU in float64 whatever the model's device, so
+    # they meet the probe's CPU target, and the per-prompt aggregates index them without a device sync each.
     m = Measurement(label=label, mode=mode, values=values, target=dict(probe.target), prompts=prompts,
-                    p_attr=p_attr.double(), mass=mass.double() if mass is not None else None, controls=controls,
-                    control_p=control_p.double(), heldout_ppl=ppl, neutral_kl=kl_value,
+                    p_attr=_table(p_attr), mass=_table(mass) if mass is not None else None, controls=controls,
+                    control_p=_table(control_p), heldout_ppl=ppl, neutral_kl=kl_value,
                     logits=logits if keep_logits else None, neutral_logprobs=n_logp,
                     seconds=time.perf_counter() - start, unscored=unscored, samples=samples, extra=extra)
     m.extra.setdefault("row", {})["cpu_seconds"] = round(time.process_time() - cpu_start, 2)

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 ROW_ORDER = ("base", "adapter", "removed", "merged_reloaded", "stacked")
 MERGED_ATOL = 1e-3  # max |Δlogit| tolerated between live adapter and merged+reloaded weights (fp32 rounding)
+# fp16/bf16 models: the merged weight is rounded to an 11/8-bit mantissa (tiny Llama: max |Δlogit| 0.006 / 0.06),
+# so the bound is this share of the adapter's own change (max |Δlogit| adapter vs base): a merge that lost the
+# adapter or kept half of it still fails
+MERGED_HALF_SHARE = 0.05
 
 Loader = Callable[[str | os.PathLike | None], tuple[nn.Module, Any]]
 
@@ -88,9 +92,31 @@ class AuditConfig:
 
 
 # ---- orchestration ---------------------------------------------------------------------------------------
-def _default_loader(path: str | os.PathLike | None) -> tuple[nn.Module, Any]:
+def _default_loader(path: str | os.PathLike | None, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
     from ..models import load_causal_lm
-    return load_causal_lm(path)
+    return load_causal_lm(path, device=device, dtype=dtype)
+
+
+def _placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of the model's first parameter: where its forward runs and in what precision."""
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _reload(loader: Loader | None, path: str, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The merged folder as a fresh model on ``device`` -- the audited model's -- and, with the default loader,
+    in its ``dtype``.
+
+    Why: the merged row is compared with the live adapter row, which only means something for like with like
+    (a CPU float32 copy against float16 CUDA rows measures the precision gap, not the merge), and logits on two
+    devices cannot be subtracted at all. A caller's ``loader`` (path only) decides the precision itself (a
+    mixed-precision or quantised model must not be cast whole); its model is only moved to the device."""
+    fresh, _ = loader(path) if loader is not None else _default_loader(path, device, dtype)
+    if _placement(fresh)[0] != device:
+        log.info("moving the reloaded merged model from %s to the audited model's %s", _placement(fresh)[0], device)
+        fresh = fresh.to(device)
+    return fresh
 
 
 def _freeze(model: nn.Module) -> None:
@@ -114,15 +140,21 @@ def _equal_report(a: Measurement, b: Measurement) -> dict[str, Any]:
     """torch.equal on everything both measurements computed from the model's outputs."""
     checks: dict[str, bool] = {}
     if a.logits is not None and b.logits is not None:
-        checks["probe_logits"] = torch.equal(a.logits, b.logits)
+        checks["probe_logits"] = _equal(a.logits, b.logits)
     checks["control_p_attr"] = _equal_nan(a.control_p, b.control_p)
     checks["p_attr"] = _equal_nan(a.p_attr, b.p_attr)
     if a.neutral_logprobs is not None and b.neutral_logprobs is not None:
         checks["neutral_logprobs"] = len(a.neutral_logprobs) == len(b.neutral_logprobs) and all(
-            torch.equal(x, y) for x, y in zip(a.neutral_logprobs, b.neutral_logprobs))
+            _equal(x, y) for x, y in zip(a.neutral_logprobs, b.neutral_logprobs))
     if a.heldout_ppl is not None or b.heldout_ppl is not None:
         checks["heldout_ppl"] = a.heldout_ppl == b.heldout_ppl
     return {"equal": all(checks.values()), "checks": checks}
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch.equal with ``b`` brought to ``a``'s device (a no-op when they share one; torch.equal refuses two
+    devices). Bits are compared: a dtype difference is a difference."""
+    return a.dtype == b.dtype and torch.equal(a, b.to(a.device))
 
 
 def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -130,11 +162,19 @@ def _equal_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
-def _close_report(a: Measurement, b: Measurement) -> dict[str, Any]:
+def _close_report(a: Measurement, b: Measurement, base: Measurement | None = None,
+                  half: bool = False) -> dict[str, Any]:
+    """Max |Δ| of p_attr (CPU float64 tables) and of the kept logits (``b``'s brought to ``a``'s device), and
+    whether the logits agree: to ``MERGED_ATOL``, or for a ``half``-precision model (either side) to
+    ``MERGED_HALF_SHARE`` of ``b``'s change against ``base`` when that is larger."""
     out: dict[str, Any] = {"max_abs_p_attr_diff": float((a.p_attr - b.p_attr).abs().nan_to_num(0.0).max())}
     if a.logits is not None and b.logits is not None:
-        diff = float((a.logits - b.logits).abs().max())
-        out |= {"max_abs_logit_diff": diff, "within_tolerance": diff <= MERGED_ATOL, "atol": MERGED_ATOL}
+        diff = float((a.logits - b.logits.to(a.logits.device)).abs().max())
+        atol = MERGED_ATOL
+        if half and base is not None and base.logits is not None:
+            change = float((b.logits - base.logits.to(b.logits.device)).abs().max())
+            atol = max(atol, MERGED_HALF_SHARE * change)
+        out |= {"max_abs_logit_diff": diff, "within_tolerance": diff <= atol, "atol": atol}
     return out
 
 
@@ -153,11 +193,11 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
             reused from the cache under ``cache_root``).
         stack: adapter directories to stack for the ``stacked`` row. Without them, and when no ``adapter``
             was given (or ``train_stack``), ``config.stack`` default adapters on disjoint train fillers.
-        loader: ``path -> (model, tokenizer)``, used to reload the merged model (default
-            ``deltaw.models.load_causal_lm``).
+        loader: ``path -> (model, tokenizer)``, used to load ``model_path`` and to reload the merged model
+            (default ``deltaw.models.load_causal_lm``, onto the audited model's device and dtype). A model it
+            returns on another device is moved to the audited model's; its dtype is the loader's choice.
     """
     config = config or AuditConfig()
-    loader = loader or _default_loader
     if config.mode == "sampled":
         check_sampling(config.n_samples, config.max_new_tokens)  # before minutes of adapter training
     out = Path(out_dir).expanduser()
@@ -174,12 +214,13 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     if any(n is not None for n in (config.n_fillers, config.n_templates, config.n_neutral)):
         probe = probe.subset(config.n_fillers, config.n_templates, config.n_neutral)
     if model is None:
-        model, tokenizer = loader(model_path)
+        model, tokenizer = (loader or _default_loader)(model_path)
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with the model")
     if api.adapters(model):
         raise ValueError(f"the model already carries adapters {api.adapters(model)}; audit a plain base model")
     _freeze(model)
+    device, dtype = _placement(model)  # where the merged model is reloaded (see _reload)
     timings["load"] = time.perf_counter() - t0
 
     score = resolve_scorer(config.attribute_fn, probe.regex, probe.value_names) if config.mode == "sampled" else None
@@ -263,8 +304,9 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     try:
         save_plain_model(plain, tokenizer, merged_dir, overwrite=True)
         del plain, model
-        fresh, _ = loader(str(merged_dir))
+        fresh = _reload(loader, str(merged_dir), device, dtype)
         _freeze(fresh)
+        reloaded_device, reloaded_dtype = _placement(fresh)
         timings["merge_save_reload"] = time.perf_counter() - t
         rows["merged_reloaded"] = run("merged_reloaded", fresh, base)
         rows["merged_reloaded"].extra.setdefault("row", {})["model_dir"] = str(merged_dir) if config.keep_merged else None
@@ -272,7 +314,9 @@ def run_audit(out_dir: str | os.PathLike, *, config: AuditConfig | None = None,
     finally:
         if not config.keep_merged:
             shutil.rmtree(merged_dir, ignore_errors=True)
-    merged_check = _close_report(rows["merged_reloaded"], rows["adapter"])
+    half = any(t in (torch.float16, torch.bfloat16) for t in (dtype, reloaded_dtype))
+    merged_check = _close_report(rows["merged_reloaded"], rows["adapter"], base, half) | {
+        "reloaded": {"device": str(reloaded_device), "dtype": str(reloaded_dtype).removeprefix("torch.")}}
 
     for label, m in rows.items():
         if m is not None:
