@@ -120,6 +120,12 @@ def _sole_user(t: torch.Tensor) -> bool:
     return count is not None and sole is not None and count <= sole
 
 
+def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of a layer's factors: its weight's, except half-precision bases get fp32 factors (the update
+    B·A is tiny next to W0 and would underflow)."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
 @contextlib.contextmanager
 def _full_precision_products():
     """fp32 products in fp32 for a merge, whatever precision the user allows the forward: with
@@ -245,8 +251,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         """Add factors of rank r, initialised per ``init`` -- or taken from ``factors`` (A, B), used as the
         parameters' storage without a copy when dtype and device already match (loading from disk)."""
         weight = self.base_weight()
-        # Half-precision bases get fp32 factors: the update B·A is tiny next to W0 and would underflow.
-        dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        dtype = factor_dtype(weight.dtype)
         a_shape, b_shape = self.factor_shapes(r)
         if factors is not None:
             # (as-is when already in place: two no-op .to + .detach calls per factor cost ~2 ms per 200-module load)
