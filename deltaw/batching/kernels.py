@@ -101,10 +101,18 @@ def _const(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     On a GPU, ``torch.tensor(list, device=...)`` is a blocking copy from pageable memory that first waits for
     every queued kernel, and a mask filled element by element is one launch per element: both stall the
     pipeline of a decode step. So the value is built on the host and copied once per distinct content and
-    device (an LRU; the same rows recur in every layer and step). On the CPU it is built fresh: that is free."""
+    device (an LRU of small ones; the same rows recur in every layer and step; a large mask is copied once per
+    kernel build instead, so the cache never holds much device memory). On the CPU it is built fresh: that is
+    free."""
     if device.type == "cpu":
         return torch.tensor(values, dtype=dtype)
+    size = len(values) * (len(values[0]) if values and isinstance(values[0], (list, tuple)) else 1)
+    if size > _CONST_CACHED_MAX:
+        return torch.tensor(values, dtype=dtype).to(device)
     return _device_const(_frozen(values), dtype, device)
+
+
+_CONST_CACHED_MAX = 4096  # elements: 512 cached constants then hold at most 8 MB of fp32 on the device
 
 
 def _frozen(values: list | tuple | float | int) -> tuple | float | int:

@@ -410,3 +410,15 @@ def test_layout_constants_reach_other_devices_once_and_outlive_inference_mode(st
     assert out.requires_grad and out.device.type == "meta"
     a = kernels._const([1, 2], torch.long, torch.device("meta"))
     assert a is kernels._const([1, 2], torch.long, torch.device("meta")) and not a.is_inference()
+
+
+def test_large_layout_constants_are_copied_per_build_not_cached(monkeypatch):
+    """The device cache holds small constants only (a (B, R) mask of a large batch would pin device memory)."""
+    from deltaw.batching import kernels
+    monkeypatch.setattr(kernels, "_CONST_CACHED_MAX", 2)
+    kernels._device_const.cache_clear()
+    small = kernels._const([1, 2], torch.long, torch.device("meta"))
+    big = kernels._const([[1.0, 2.0], [3.0, 4.0]], torch.float32, torch.device("meta"))
+    assert kernels._device_const.cache_info().currsize == 1
+    assert small.device.type == big.device.type == "meta" and big.shape == (2, 2)
+    assert kernels._const([[1.0, 2.0], [3.0, 4.0]], torch.float32, torch.device("meta")) is not big
