@@ -22,7 +22,7 @@ import deltaw
 from deltaw.audit import AuditConfig, DebiasConfig, load_probe, measure, resolve_scorer, run_audit, train_debias
 from deltaw.audit.debias import _tv_by_cell
 from deltaw.audit.measure import attribute_tokens
-from deltaw.audit.report import MERGED_ATOL, _close_report
+from deltaw.audit.report import MERGED_ATOL, _close_report, _match_buffer_dtypes
 
 pytestmark = pytest.mark.device
 
@@ -176,3 +176,20 @@ def test_the_half_precision_merged_check_still_fails_a_merge_that_lost_the_adapt
     assert _close_report(adapter, adapter, base, half=True)["within_tolerance"] is True
     assert _close_report(base, adapter, base, half=True)["within_tolerance"] is False  # the merge lost it
     assert _close_report(base, adapter, base)["atol"] == MERGED_ATOL  # fp32: the absolute bound
+
+
+def test_the_reloaded_model_gets_the_audited_models_buffer_dtypes(device):
+    """Llama's rotary inv_freq is not in a checkpoint: a reload recomputes it in fp32, while the audited model,
+    cast with .to(torch.bfloat16), holds it rounded. The merged row measured that rounding (0.0625 against 0.039
+    for the merge alone in this test's bf16 audit)."""
+    cast, _, _ = _pair(device, torch.bfloat16)
+    fresh, _, _ = _pair(device)
+    fresh = fresh.to(torch.bfloat16)
+    for module in fresh.modules():  # as from_pretrained(dtype=bf16) leaves it: the buffer recomputed in fp32
+        if "inv_freq" in module._buffers:
+            module._buffers["inv_freq"] = module._buffers["inv_freq"].float()
+    _match_buffer_dtypes(fresh, {n: b.dtype for n, b in cast.named_buffers()})
+    theirs = dict(cast.named_buffers())
+    assert any("inv_freq" in n for n in theirs)
+    for name, buf in fresh.named_buffers():
+        assert buf.dtype == theirs[name].dtype and torch.equal(buf, theirs[name]), name
