@@ -18,8 +18,9 @@ import copy
 import functools
 import itertools
 import math
+import threading
 from abc import ABCMeta, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,20 +127,56 @@ def factor_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
+def _pin_full_precision() -> Callable[[], None]:
+    """Make fp32 matmuls full precision; returns what puts the user's setting back. Speaks whichever API the
+    process uses: the legacy ``set_float32_matmul_precision`` or (torch >= 2.9) the per-backend
+    ``torch.backends.{cuda,mkldnn}.matmul.fp32_precision``, once set, after which the legacy getter raises
+    (transformers' ``enable_tf32``, e.g. ``TrainingArguments(tf32=True)``, sets them)."""
+    try:
+        before = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the per-backend API is in use
+        saved = [(b, b.fp32_precision) for b in (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+                 if hasattr(b, "fp32_precision")]
+        for backend, _ in saved:
+            backend.fp32_precision = "ieee"
+
+        def restore() -> None:
+            for backend, value in saved:
+                backend.fp32_precision = value
+
+        return restore
+    if before != "highest":
+        torch.set_float32_matmul_precision("highest")
+    return functools.partial(torch.set_float32_matmul_precision, before)
+
+
+class _Pin:
+    """How many merges are running (on any thread) and what restores the setting they found."""
+
+    lock = threading.Lock()
+    users = 0
+    restore: Callable[[], None] | None = None
+
+
 @contextlib.contextmanager
 def _full_precision_products():
     """fp32 products in fp32 for a merge, whatever precision the user allows the forward: with
     ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA; "medium": bf16 on CPUs that have it) ΔW would
-    be computed with a 10- or 8-bit mantissa, and the merged weight would no longer be W0 + ΔW rounded once."""
-    before = torch.get_float32_matmul_precision()
-    if before == "highest":
-        yield
-        return
-    torch.set_float32_matmul_precision("highest")
+    be computed with a 10- or 8-bit mantissa, and the merged weight would no longer be W0 + ΔW rounded once.
+    The setting is process-wide: merges on several threads share one pin, the last to finish restores it
+    (forwards on other threads meanwhile run at full precision too)."""
+    with _Pin.lock:
+        if _Pin.users == 0:
+            _Pin.restore = _pin_full_precision()
+        _Pin.users += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(before)
+        with _Pin.lock:
+            _Pin.users -= 1
+            if _Pin.users == 0:
+                _Pin.restore()
+                _Pin.restore = None
 
 
 def _is_zero_in(alpha: float, dtype: torch.dtype) -> bool:

@@ -136,3 +136,25 @@ def test_merge_keeps_full_precision_whatever_the_forward_may_use(kind, precision
     finally:
         torch.set_float32_matmul_precision(before)
     _assert_rounded_once(model[0], 1.3)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mkldnn"])
+def test_merge_works_and_restores_under_the_per_backend_precision_api(backend, device):
+    """torch >= 2.9: once a per-backend fp32_precision is set (transformers' enable_tf32 does), the legacy
+    getter raises ("mix of the legacy and new APIs"), and every merge raised with it."""
+    matmul = getattr(torch.backends, backend).matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no per-backend precision API")
+    torch.manual_seed(0)
+    model = nn.Sequential(_layer("linear")).to(device).eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=8, target_modules=["0"]), "a")
+    randomize(model, "a", std=0.3)
+    before = matmul.fp32_precision
+    matmul.fp32_precision = "tf32"
+    try:
+        deltaw.merge(model, {"a": 0.9})
+        assert matmul.fp32_precision == "tf32"
+        deltaw.unmerge(model)
+        deltaw.merge_and_unload(model, {"a": 0.9})
+    finally:
+        matmul.fp32_precision = before
