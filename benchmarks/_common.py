@@ -172,15 +172,20 @@ class DecodeStep:
     cache length (and so the attention cost) is the same for every repeat. ``kwargs`` go to every forward."""
 
     def __init__(self, model: nn.Module, batch: int, seed: int = 0, **kwargs) -> None:
+        import inspect
         g = torch.Generator().manual_seed(seed)
         self.model, self.kwargs = model, kwargs
         prompt = torch.randint(0, 49152, (batch, CONTEXT), generator=g).to(DEVICE)
         self.token = torch.randint(0, 49152, (batch, 1), generator=g).to(DEVICE)
+        # transformers renamed past_key_values to cache (the GPU image may hold a version from either side)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: forward(*a, **kw)
+        params = inspect.signature(inner.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         with torch.inference_mode():
-            self.cache = model(input_ids=prompt, use_cache=True, **kwargs).cache
+            self.cache = getattr(model(input_ids=prompt, use_cache=True, **kwargs), self.cache_kw)
 
     def __call__(self) -> torch.Tensor:
-        out = self.model(input_ids=self.token, cache=self.cache, use_cache=True, **self.kwargs)
+        out = self.model(input_ids=self.token, **{self.cache_kw: self.cache}, use_cache=True, **self.kwargs)
         self.cache.crop(-1)
         return out.logits
 

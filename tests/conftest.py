@@ -13,9 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    """The device of the device-independent checks (tests/test_api.py's model table, tests/test_device.py):
+    """The device of the device-independent checks (tests marked ``device``: tests/test_api.py's model table and
+    tests/*/test_device_*.py):
     ``DELTAW_TEST_DEVICE`` (default cpu, so CI runs the same code). On a GPU machine:
-    ``DELTAW_TEST_DEVICE=cuda pytest tests/test_api.py tests/test_device.py`` (benchmarks/device_check).
+    ``DELTAW_TEST_DEVICE=cuda pytest -m device tests`` (benchmarks/device_check names the files).
     TF32 is switched off there: the checks compare fp32 results at 1e-5."""
     name = os.environ.get("DELTAW_TEST_DEVICE", "cpu")
     try:

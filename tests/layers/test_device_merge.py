@@ -116,6 +116,18 @@ def test_load_puts_factors_on_the_layers_device_and_files_move_between_devices(d
     ids = torch.tensor([[1, 5, 9, 3, 7]], device=device)
     with torch.no_grad():
         torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    # Without a head the factors are the whole file: on another device they arrive as views of one copy of it
+    # (the head above kept that load factor by factor). Same values as the file, same outputs as the original.
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "b")
+    randomize(model, "b", seed=5)
+    deltaw.save(model, tmp_path / "b", "b")
+    deltaw.load(again, tmp_path / "b", "b")
+    on_file = deltaw.read_adapter(tmp_path / "b").factors
+    for path, layer in deltaw.state(again).layers.items():
+        assert torch.equal(layer.lora_A["b"].cpu(), on_file[path]["A"]), path
+        assert torch.equal(layer.lora_B["b"].cpu(), on_file[path]["B"]), path
+    with torch.no_grad(), deltaw.using(model, "b"), deltaw.using(again, "b"):
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("precision", ["high", "medium"])
