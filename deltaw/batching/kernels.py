@@ -62,8 +62,10 @@ ROWWISE_MAX_BYTES = 4 << 20
 
 
 def clear_cache() -> None:
-    """Drop every packed tensor kept between ``per_row`` contexts (they are rebuilt on demand)."""
+    """Drop every packed tensor kept between ``per_row`` contexts, and the layout constants kept on devices
+    (they are rebuilt on demand)."""
     _CACHE.clear()
+    _device_const.cache_clear()
 
 
 def _cached(layer: LoraLayer, key: Hashable, build: Callable[[], object]) -> object:
@@ -103,27 +105,23 @@ def _const(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tens
     pipeline of a decode step. So the value is built on the host and copied once per distinct content and
     device (an LRU of small ones; the same rows recur in every layer and step; a large mask is copied once per
     kernel build instead, so the cache never holds much device memory). On the CPU it is built fresh: that is
-    free."""
+    free. Keyed on the bytes, so -0.0 and 0.0 (equal as floats) are two constants and NaN finds itself."""
+    host = torch.tensor(values, dtype=dtype)
     if device.type == "cpu":
-        return torch.tensor(values, dtype=dtype)
-    size = len(values) * (len(values[0]) if values and isinstance(values[0], (list, tuple)) else 1)
-    if size > _CONST_CACHED_MAX:
-        return torch.tensor(values, dtype=dtype).to(device)
-    return _device_const(_frozen(values), dtype, device)
+        return host
+    if not 0 < host.numel() <= _CONST_CACHED_MAX:
+        return host.to(device)
+    return _device_const(host.view(torch.uint8).numpy().tobytes(), tuple(host.shape), dtype, device)
 
 
-_CONST_CACHED_MAX = 4096  # elements: 512 cached constants then hold at most 8 MB of fp32 on the device
-
-
-def _frozen(values: list | tuple | float | int) -> tuple | float | int:
-    return tuple(_frozen(v) for v in values) if isinstance(values, (list, tuple)) else values
+_CONST_CACHED_MAX = 4096  # elements: 512 cached constants then hold at most 16 MB (int64) on the device
 
 
 @functools.lru_cache(maxsize=512)
-def _device_const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _device_const(raw: bytes, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     # a normal tensor even when first asked for inside inference_mode: a grad-enabled forward may reuse it
     with torch.inference_mode(False), torch.no_grad():
-        return torch.tensor(values, dtype=dtype).to(device)
+        return torch.frombuffer(bytearray(raw), dtype=dtype).view(shape).to(device)
 
 
 def _identity(layer: LoraLayer, name: str) -> tuple:

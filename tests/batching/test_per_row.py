@@ -399,12 +399,13 @@ def test_layout_constants_reach_other_devices_once_and_outlive_inference_mode(st
     clear_cache()
     with torch.inference_mode(), per_row(model, rows, strategy=strategy):
         assert _out(model, x).device.type == "meta"
-    built = kernels._device_const.cache_info().currsize
-    assert built > 0
-    clear_cache()  # kernels are built again: from the same contents, nothing is copied again
+    built = kernels._device_const.cache_info()
+    assert built.currsize > 0
+    kernels._CACHE.clear()  # packs and kernels are built again: from the same contents, nothing is copied again
     with torch.inference_mode(), per_row(model, rows, strategy=strategy):
         _out(model, x)
-    assert kernels._device_const.cache_info().currsize == built
+    after = kernels._device_const.cache_info()
+    assert after.misses == built.misses and after.hits > built.hits
     with per_row(model, rows, strategy=strategy):  # with autograd (the reference path reuses its weights)
         out = _out(model, x)
     assert out.requires_grad and out.device.type == "meta"
@@ -422,3 +423,15 @@ def test_large_layout_constants_are_copied_per_build_not_cached(monkeypatch):
     assert kernels._device_const.cache_info().currsize == 1
     assert small.device.type == big.device.type == "meta" and big.shape == (2, 2)
     assert kernels._const([[1.0, 2.0], [3.0, 4.0]], torch.float32, torch.device("meta")) is not big
+
+
+def test_layout_constants_are_keyed_on_their_bits():
+    """-0.0 == 0.0 as Python floats: a cache keyed on values handed one for the other."""
+    from deltaw.batching import kernels
+    meta = torch.device("meta")
+    kernels._device_const.cache_clear()
+    pos, neg = kernels._const([0.0, 1.0], torch.float32, meta), kernels._const([-0.0, 1.0], torch.float32, meta)
+    assert pos is not neg and kernels._device_const.cache_info().currsize == 2
+    assert kernels._const([0.0, 1.0], torch.float32, meta) is pos
+    clear_cache()
+    assert kernels._device_const.cache_info().currsize == 0
