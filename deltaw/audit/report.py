@@ -115,8 +115,9 @@ def _reload(loader: Loader | None, path: str, device: torch.device, dtype: torch
     devices cannot be subtracted at all. A caller's ``loader`` (path only) decides the precision itself (a
     mixed-precision or quantised model must not be cast whole); its model is only moved to the device."""
     fresh, _ = loader(path) if loader is not None else _default_loader(path, device, dtype)
-    if _placement(fresh)[0] != device:
-        log.info("moving the reloaded merged model from %s to the audited model's %s", _placement(fresh)[0], device)
+    where = _placement(fresh)[0]
+    if where != device:
+        log.info("moving the reloaded merged model from %s to the audited model's %s", where, device)
         fresh = fresh.to(device)
     return fresh
 
