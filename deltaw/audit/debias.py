@@ -43,6 +43,7 @@ from .measure import (
     AttributeTokens,
     _module_modes,
     _restore_modes,
+    _table,
     attribute_distribution,
     attribute_tokens,
     encode_prompts,
@@ -314,7 +315,7 @@ def _tv_by_cell(model: nn.Module, tokenizer, probe: Probe, tokens: AttributeToke
         prompts = probe.prompts(fs, ts)
         logits = last_token_logits(model, encode_prompts(tokenizer, [p.text for p in prompts]))  # (N, V)
         # On the CPU in float64, as ``measure`` keeps its tables: the same TV for the same model on any device.
-        p_attr = attribute_distribution(logits, tokens)[0].to("cpu", torch.float64)  # (N, K)
+        p_attr = _table(attribute_distribution(logits, tokens)[0])  # (N, K)
         out[cell] = float(total_variation(p_attr, target).mean())
     return out
 
