@@ -97,6 +97,56 @@ def test_several_terms_equal_their_sum_and_split_over_threads_identically() -> N
 
 
 @needs_kernel
+def test_worker_pool_serves_concurrent_callers_and_a_forked_child() -> None:
+    """The kernel keeps its worker threads between calls. Callers on several Python threads share them one call
+    at a time, and a child forked after they exist gets its own (before the fork hook, the child waited forever
+    for workers it did not have)."""
+    import multiprocessing
+    import threading
+
+    cases = [_case(rows, 300, 8, seed=rows) for rows in (240, 301, 520)]
+    assert all(c[0].numel() >= native._MIN_THREADED for c in cases)  # big enough to be split over threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = []
+        for w0, m1, m2 in cases:
+            out = torch.empty_like(w0)
+            assert _merge1(out, w0, m1, m2, 0.5) is True
+            expected.append(out)
+        wrong: list[int] = []
+
+        def caller(k: int) -> None:
+            for _ in range(25):
+                w0, m1, m2 = cases[k % 3]
+                out = torch.empty_like(w0)
+                if _merge1(out, w0, m1, m2, 0.5) is not True or not torch.equal(out, expected[k % 3]):
+                    wrong.append(k)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads) and not wrong
+
+        def child() -> None:
+            out = torch.empty_like(cases[2][0])
+            ok = _merge1(out, *cases[2][:3], 0.5) is True and torch.equal(out, expected[2])
+            os._exit(0 if ok else 3)
+
+        proc = multiprocessing.get_context("fork").Process(target=child)
+        proc.start()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            pytest.fail("the forked child hung in the merge kernel")
+        assert proc.exitcode == 0
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 @pytest.mark.parametrize("where", ["w0_nan", "w0_inf", "factor_nan", "overflow", "tail_nan"])
 def test_reports_non_finite_results(where: str) -> None:
     w0, m1, m2 = _case(40, 70, 4)
