@@ -23,6 +23,7 @@
  */
 #include <stdint.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -286,18 +287,29 @@ int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw
 /* Worker threads kept between calls. A merge calls the kernel once per layer (210 calls for the 135M model):
  * creating and joining a thread per call cost ~50 us each, ~10 ms of a ~100 ms merge. Workers spin briefly for
  * the next call (the next layer comes within ~50 us), then sleep on a condition variable, so an idle pool costs
- * nothing. One call runs at a time (dw_call); a fork leaves the child without workers, so it starts over. */
-#define DW_SPIN 20000 /* pause instructions, ~0.3 ms */
+ * nothing. One call uses the pool at a time (dw_call); a call that finds it busy runs on its own thread. A fork
+ * waits for the call in flight and leaves the child without workers, so the child starts over. */
+#define DW_SPIN 20000 /* pause instructions: ~0.1-1 ms depending on the CPU */
 static pthread_mutex_t dw_call = PTHREAD_MUTEX_INITIALIZER, dw_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t dw_go = PTHREAD_COND_INITIALIZER, dw_done = PTHREAD_COND_INITIALIZER;
 static int dw_nworkers, dw_pending, dw_active, dw_forkhook;
 static long dw_gen, dw_born[64]; /* dw_born[k]: the generation worker k was created in (it waits for the next) */
 static dw_job *dw_jobs;
 
-static void dw_after_fork(void) {
-    pthread_mutex_init(&dw_call, 0);
-    pthread_mutex_init(&dw_mu, 0);
-    pthread_cond_init(&dw_go, 0);
+static void dw_before_fork(void) {
+    pthread_mutex_lock(&dw_call);
+    pthread_mutex_lock(&dw_mu);
+}
+
+static void dw_parent_after_fork(void) {
+    pthread_mutex_unlock(&dw_mu);
+    pthread_mutex_unlock(&dw_call);
+}
+
+static void dw_child_after_fork(void) {
+    pthread_mutex_unlock(&dw_mu);
+    pthread_mutex_unlock(&dw_call);
+    pthread_cond_init(&dw_go, 0); /* waiter counts of the parent's workers would stall a later broadcast */
     pthread_cond_init(&dw_done, 0);
     dw_nworkers = dw_pending = dw_active = 0;
     dw_jobs = 0;
@@ -319,7 +331,8 @@ static void *dw_worker(void *arg) {
         seen = dw_gen;
         dw_job *job = k < dw_active ? &dw_jobs[k] : 0;
         pthread_mutex_unlock(&dw_mu);
-        if (job) dw_rows(job);
+        if (!job) continue; /* this call needs fewer workers: only those with a job report back */
+        dw_rows(job);
         pthread_mutex_lock(&dw_mu);
         if (--dw_pending == 0) pthread_cond_signal(&dw_done);
         pthread_mutex_unlock(&dw_mu);
@@ -327,14 +340,14 @@ static void *dw_worker(void *arg) {
     return 0;
 }
 
-/* Runs jobs[0..n) with up to n - 1 pool workers and the calling thread (jobs no worker takes run here). */
-static void dw_run(dw_job *jobs, int n) {
-    if (n == 1) {
-        dw_rows(&jobs[0]);
-        return;
-    }
-    pthread_mutex_lock(&dw_call);
-    if (!dw_forkhook) dw_forkhook = pthread_atfork(0, 0, dw_after_fork) == 0;
+/* Starts workers up to n - 1 (fewer if creation fails); called holding dw_call. */
+static void dw_grow(int n) {
+    if (!dw_forkhook) /* without the fork hook a forked child would wait for workers it does not have */
+        dw_forkhook = pthread_atfork(dw_before_fork, dw_parent_after_fork, dw_child_after_fork) == 0;
+    if (!dw_forkhook) return;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* workers inherit it: signals go to the application's threads */
     while (dw_nworkers < n - 1) {
         pthread_t tid;
         pthread_attr_t attr;
@@ -347,20 +360,34 @@ static void dw_run(dw_job *jobs, int n) {
         if (rc != 0) break;
         dw_nworkers = k;
     }
+    pthread_sigmask(SIG_SETMASK, &old, 0);
+}
+
+/* Runs jobs[0..n) on up to n - 1 pool workers and the calling thread, which takes the jobs no worker has. */
+static void dw_run(dw_job *jobs, int n) {
+    if (n == 1 || pthread_mutex_trylock(&dw_call) != 0) {
+        for (int t = 0; t < n; ++t) dw_rows(&jobs[t]);
+        return;
+    }
+    dw_grow(n);
     int helpers = n - 1 < dw_nworkers ? n - 1 : dw_nworkers;
-    pthread_mutex_lock(&dw_mu);
-    dw_jobs = jobs;
-    dw_active = helpers + 1;
-    dw_pending = dw_nworkers;
-    __atomic_add_fetch(&dw_gen, 1, __ATOMIC_RELEASE);
-    pthread_cond_broadcast(&dw_go);
-    pthread_mutex_unlock(&dw_mu);
+    if (helpers > 0) {
+        pthread_mutex_lock(&dw_mu);
+        dw_jobs = jobs;
+        dw_active = helpers + 1;
+        dw_pending = helpers;
+        __atomic_add_fetch(&dw_gen, 1, __ATOMIC_RELEASE);
+        pthread_cond_broadcast(&dw_go);
+        pthread_mutex_unlock(&dw_mu);
+    }
     dw_rows(&jobs[0]);
-    for (int t = helpers + 1; t < n; ++t) dw_rows(&jobs[t]); /* no worker for these (creation failed) */
-    pthread_mutex_lock(&dw_mu);
-    while (dw_pending > 0) pthread_cond_wait(&dw_done, &dw_mu);
-    dw_jobs = 0;
-    pthread_mutex_unlock(&dw_mu);
+    for (int t = helpers + 1; t < n; ++t) dw_rows(&jobs[t]);
+    if (helpers > 0) {
+        pthread_mutex_lock(&dw_mu);
+        while (dw_pending > 0) pthread_cond_wait(&dw_done, &dw_mu);
+        dw_jobs = 0;
+        pthread_mutex_unlock(&dw_mu);
+    }
     pthread_mutex_unlock(&dw_call);
 }
 

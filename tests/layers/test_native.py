@@ -130,9 +130,9 @@ def test_worker_pool_serves_concurrent_callers_and_a_forked_child() -> None:
             t.join(60)
         assert not any(t.is_alive() for t in threads) and not wrong
 
-        def child() -> None:
+        def child() -> None:  # compared through numpy: torch's OpenMP ops may hang in a forked child
             out = torch.empty_like(cases[2][0])
-            ok = _merge1(out, *cases[2][:3], 0.5) is True and torch.equal(out, expected[2])
+            ok = _merge1(out, *cases[2][:3], 0.5) is True and out.numpy().tobytes() == expected[2].numpy().tobytes()
             os._exit(0 if ok else 3)
 
         proc = multiprocessing.get_context("fork").Process(target=child)
