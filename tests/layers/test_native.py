@@ -67,6 +67,21 @@ def test_strided_left_factor_and_thread_count_give_identical_bits() -> None:
 
 
 @needs_kernel
+def test_large_and_small_weights_give_the_same_bits_per_row() -> None:
+    """A weight past 256 KB takes the two-phase loop (products to a scratch, then streamed out), a small one the
+    one-phase loop; a row's result must not depend on which, nor on the chunk boundaries (rows not a multiple of
+    the 24-row chunk, columns not of 16)."""
+    w0, m1, m2 = _case(603, 584, 16, seed=3)  # 1.4 MB: two-phase
+    assert w0.numel() * 4 >= 256 << 10
+    big = torch.empty_like(w0)
+    assert _merge1(big, w0, m1, m2, -0.6) is True
+    for lo, hi in ((0, 40), (37, 90), (563, 603)):  # < 256 KB each: one-phase
+        small = torch.empty(hi - lo, 584)
+        assert _merge1(small, w0[lo:hi].clone(), m1[lo:hi].clone(), m2, -0.6) is True
+        assert torch.equal(small, big[lo:hi]), (lo, hi)
+
+
+@needs_kernel
 def test_several_terms_equal_their_sum_and_split_over_threads_identically() -> None:
     w0 = torch.randn(203, 150)
     terms = []
