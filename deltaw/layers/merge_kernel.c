@@ -101,11 +101,27 @@ static float *dw_scratch(size_t bytes) {
     return (float *)(fresh + 8);
 }
 
+/* s = the rank-R products of 4 rows (coefficients c) and columns [j, j + 16): the FMAs in k order. */
+__attribute__((target("avx2,fma"), always_inline))
+static inline void dw_block(const dw_job *jb, float c[4][DW_MAX_RANK], int64_t j, __m256 s[4][2]) {
+    const float *panel = jb->panels + (j / 16) * jb->rank * 16;
+    for (int q = 0; q < 4; ++q) s[q][0] = s[q][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < jb->rank; ++k) {
+        const float *mk = panel + k * 16;
+        __m256 x0 = _mm256_loadu_ps(mk), x1 = _mm256_loadu_ps(mk + 8);
+        for (int q = 0; q < 4; ++q) {
+            __m256 ck = _mm256_broadcast_ss(&c[q][k]);
+            s[q][0] = _mm256_fmadd_ps(ck, x0, s[q][0]);
+            s[q][1] = _mm256_fmadd_ps(ck, x1, s[q][1]);
+        }
+    }
+}
+
 /* One phase: each 4 x 16 block formed in registers and added to W0 as it is written. Small weights (in cache)
  * and the fallback when no scratch can be had. */
 __attribute__((target("avx2,fma")))
 static void dw_rows_direct(dw_job *jb) {
-    const int64_t cols = jb->cols, r = jb->rank;
+    const int64_t cols = jb->cols;
     float c[4][DW_MAX_RANK];
     __m256 chk = _mm256_setzero_ps();
     float tail = 0.f;
@@ -115,17 +131,7 @@ static void dw_rows_direct(dw_job *jb) {
         int64_t j = 0;
         for (; j + 16 <= cols; j += 16) {
             __m256 s[4][2];
-            for (int q = 0; q < 4; ++q) s[q][0] = s[q][1] = _mm256_setzero_ps();
-            const float *panel = jb->panels + (j / 16) * r * 16;
-            for (int64_t k = 0; k < r; ++k) {
-                const float *mk = panel + k * 16;
-                __m256 x0 = _mm256_loadu_ps(mk), x1 = _mm256_loadu_ps(mk + 8);
-                for (int q = 0; q < 4; ++q) {
-                    __m256 ck = _mm256_broadcast_ss(&c[q][k]);
-                    s[q][0] = _mm256_fmadd_ps(ck, x0, s[q][0]);
-                    s[q][1] = _mm256_fmadd_ps(ck, x1, s[q][1]);
-                }
-            }
+            dw_block(jb, c, j, s);
             for (int q = 0; q < 4; ++q) {
                 const float *src = jb->w0 + (i + q) * cols + j;
                 float *dst = jb->w + (i + q) * cols + j;
@@ -157,7 +163,7 @@ static void dw_rows_direct(dw_job *jb) {
 
 __attribute__((target("avx2,fma")))
 static void dw_rows(dw_job *jb) {
-    const int64_t cols = jb->cols, r = jb->rank, cb = cols / 16 * 16; /* cb: columns in whole 16-blocks */
+    const int64_t cols = jb->cols, cb = cols / 16 * 16; /* cb: columns in whole 16-blocks */
     float *scratch = jb->streaming ? dw_scratch((size_t)jb->chunk * (cb > 0 ? cb : 16) * sizeof(float)) : 0;
     if (!scratch) {
         dw_rows_direct(jb);
@@ -173,18 +179,8 @@ static void dw_rows(dw_job *jb) {
             for (int q = 0; q < 4; ++q) dw_coefficients(jb, ii + q, c[q]);
             for (int64_t j = 0; j < cb; j += 16) {
                 __m256 s[4][2];
-                for (int q = 0; q < 4; ++q) s[q][0] = s[q][1] = _mm256_setzero_ps();
-                const float *panel = jb->panels + (j / 16) * r * 16;
                 for (int q = 0; q < 4; ++q) _mm_prefetch((const char *)(jb->w0 + (ii + q) * cols + j), _MM_HINT_T1);
-                for (int64_t k = 0; k < r; ++k) {
-                    const float *mk = panel + k * 16;
-                    __m256 x0 = _mm256_loadu_ps(mk), x1 = _mm256_loadu_ps(mk + 8);
-                    for (int q = 0; q < 4; ++q) {
-                        __m256 ck = _mm256_broadcast_ss(&c[q][k]);
-                        s[q][0] = _mm256_fmadd_ps(ck, x0, s[q][0]);
-                        s[q][1] = _mm256_fmadd_ps(ck, x1, s[q][1]);
-                    }
-                }
+                dw_block(jb, c, j, s);
                 for (int q = 0; q < 4; ++q) {
                     float *dst = scratch + (ii - i + q) * cb + j;
                     _mm256_store_ps(dst, s[q][0]);
