@@ -16,6 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, NonFiniteError, RowsOpenError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
+from .layers.base import full_precision_products
 from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
 
@@ -469,14 +470,15 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
     rewritten: list[str] = []
     new_weights: dict[str, torch.Tensor | None] = {}
     try:
-        for path in touched:
-            layer = st.layers[path]
-            # In place only where the weight there can be recomputed exactly if this merge is refused.
-            if carried & layer._a_params.keys() and layer.rewritable(st.merged):
-                rewritten.append(path)
-                layer.merged_weight(target, out=layer.base_layer.weight.data)
-            else:
-                new_weights[path] = layer.merged_weight(target, out=layer.spare())
+        with full_precision_products():  # pinned once for all layers (each layer's merge nests in it cheaply)
+            for path in touched:
+                layer = st.layers[path]
+                # In place only where the weight there can be recomputed exactly if this merge is refused.
+                if carried & layer._a_params.keys() and layer.rewritable(st.merged):
+                    rewritten.append(path)
+                    layer.merged_weight(target, out=layer.base_layer.weight.data)
+                else:
+                    new_weights[path] = layer.merged_weight(target, out=layer.spare())
     except BaseException:
         for path in rewritten:
             st.layers[path].merged_weight(st.merged, out=st.layers[path].base_layer.weight.data)

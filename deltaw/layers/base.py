@@ -159,7 +159,7 @@ class _Pin:
 
 
 @contextlib.contextmanager
-def _full_precision_products():
+def full_precision_products():
     """fp32 products in fp32 for a merge, whatever precision the user allows the forward: with
     ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA; "medium": bf16 on CPUs that have it) ΔW would
     be computed with a 10- or 8-bit mantissa, and the merged weight would no longer be W0 + ΔW rounded once.
@@ -432,7 +432,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 f"the weight of this layer is tied to {', '.join(self.tied_with)}; merging would change those "
                 "too. Untie the weights first (e.g. clone the output head's weight)"
             )
-        with torch.no_grad(), _full_precision_products():
+        with torch.no_grad(), full_precision_products():
             # Merge is bound by bytes moved: one pass over W0 for the whole stack where a fused kernel exists,
             # else one addmm per adapter. Layout of W0, at least fp32 so small updates survive bf16/fp16 bases
             # (fp64 stays fp64).

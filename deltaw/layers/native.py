@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -47,6 +48,7 @@ _MIN_THREADED = 1 << 16  # elements below which extra threads cost more than the
 MAX_TOKENS = 16
 
 _lock = threading.Lock()
+_F32 = torch.float32
 _lib: ctypes.CDLL | None = None
 _tried = False
 
@@ -75,6 +77,10 @@ class _Term(ctypes.Structure):
                 ("r", ctypes.c_int64), ("alpha", ctypes.c_float)]
 
 
+_TERM = struct.Struct("@PPqqqf4x")  # the same layout, packed from Python without building ctypes objects
+assert _TERM.size == ctypes.sizeof(_Term)
+
+
 class _RowTerm(ctypes.Structure):
     """``dw_rowterm`` in merge_kernel.c: rows[0..n) of x and y get y += s · B (A x); A (r, in), B (out, r)."""
 
@@ -89,7 +95,7 @@ def _open(path: Path) -> ctypes.CDLL:
     lib.dw_supported.argtypes = []
     fn = lib.dw_merge_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_Term),
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,  # dw_term[]
                    ctypes.c_int, ctypes.c_int]
     gemv = lib.dw_lora_gemv_f32
     gemv.restype = ctypes.c_int
@@ -173,32 +179,40 @@ def kernel() -> ctypes.CDLL | None:
 
 
 def _fits(out: torch.Tensor, w0: torch.Tensor, terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> bool:
-    tensors = [out, w0, *(t for m1, m2, _ in terms for t in (m1, m2))]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in tensors):
+    """Whether the kernel can compute ``out = w0 + Σ alpha · m1 @ m2``: fp32 CPU tensors, W and W0 contiguous
+    (rows, cols), each m1 (rows, r), m2 (r, cols) contiguous, Σr ≤ MAX_RANK, no input overlapping ``out``.
+    (Run per layer on every merge: ~3 µs, property reads kept to what is needed.)"""
+    if not terms or out.dtype != _F32 or w0.dtype != _F32 or not (out.is_cpu and w0.is_cpu):
         return False
     # No autograd here: with grad mode on, a tensor that requires grad must not be read behind its back. (Under
     # no_grad, merges of trainable factors -- Parameters with requires_grad -- are what the kernel is for.)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+    grad = torch.is_grad_enabled()
+    if grad and (out.requires_grad or w0.requires_grad):
         return False
-    if w0.dim() != 2 or out.shape != w0.shape or not (out.is_contiguous() and w0.is_contiguous()) or not terms:
+    shape = w0.shape
+    if len(shape) != 2 or out.shape != shape or not (out.is_contiguous() and w0.is_contiguous()):
         return False
-    rows, cols = w0.shape
+    rows, cols = shape
+    o0 = out.data_ptr()
+    o1 = o0 + rows * cols * 4
+    w = w0.data_ptr()
+    if w < o1 and o0 < w + rows * cols * 4:  # the output must not overlap an input: the kernel reads them
+        return False
     rank = 0
     for m1, m2, _ in terms:
+        if m1.dtype != _F32 or m2.dtype != _F32 or not (m1.is_cpu and m2.is_cpu) or \
+                (grad and (m1.requires_grad or m2.requires_grad)):
+            return False
         r = m1.shape[1] if m1.dim() == 2 else -1
         if r < 1 or m1.shape != (rows, r) or m2.shape != (r, cols) or not m2.is_contiguous():
             return False
         rank += r
-    if rank > MAX_RANK:
-        return False
-    # The output must not overlap an input (the kernel reads W0 and the factors while writing W).
-    o0, o1 = out.data_ptr(), out.data_ptr() + out.numel() * 4
-    for t in tensors[1:]:
-        lo = t.data_ptr()
-        hi = lo + ((t.shape[0] - 1) * t.stride(0) + (t.shape[1] - 1) * t.stride(1) + 1) * 4
-        if lo < o1 and o0 < hi:
-            return False
-    return True
+        s0, s1 = m1.stride()
+        for lo, hi in ((m1.data_ptr(), m1.data_ptr() + ((rows - 1) * s0 + (r - 1) * s1 + 1) * 4),
+                       (m2.data_ptr(), m2.data_ptr() + r * cols * 4)):
+            if lo < o1 and o0 < hi:
+                return False
+    return rank <= MAX_RANK
 
 
 def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
@@ -215,8 +229,8 @@ def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
     if lib is None:
         return None
     rows, cols = w0.shape
-    packed = (_Term * len(terms))(*(_Term(m1.data_ptr(), m2.data_ptr(), m1.stride(0), m1.stride(1), m1.shape[1],
-                                          float(alpha)) for m1, m2, alpha in terms))
+    packed = b"".join([_TERM.pack(m1.data_ptr(), m2.data_ptr(), *m1.stride(), m1.shape[1], float(alpha))
+                       for m1, m2, alpha in terms])  # dw_term[]: struct.pack is ~3 µs cheaper per call than ctypes
     threads = torch.get_num_threads() if rows * cols >= _MIN_THREADED else 1
     rc = lib.dw_merge_f32(out.data_ptr(), w0.data_ptr(), rows, cols, packed, len(terms), threads)
     if rc < 0:
