@@ -54,6 +54,7 @@ typedef struct {
     const float *panels; /* M2 repacked per 16-column block: panel jb is (R, 16) contiguous */
     int64_t cols, rank, r0, r1, chunk; /* chunk: rows per two-phase step */
     int nterms, streaming, bad;
+    unsigned csr; /* the caller's MXCSR (flush-to-zero, denormals-are-zero, rounding): workers run with it */
 } dw_job;
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -422,6 +423,9 @@ static void *dw_worker(void *arg) {
         dw_job *job = k < dw_active ? &dw_jobs[k] : 0;
         pthread_mutex_unlock(&dw_mu);
         if (!job) continue; /* this call needs fewer workers: only those with a job report back */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+        __builtin_ia32_ldmxcsr(job->csr); /* a worker outlives the setting it was created with */
+#endif
         dw_rows(job);
         pthread_mutex_lock(&dw_mu);
         if (--dw_pending == 0) pthread_cond_signal(&dw_done);
@@ -502,14 +506,19 @@ int dw_merge_f32(float *w, const float *w0, int64_t rows, int64_t cols, const dw
     if (!panels) return -1;
     for (int64_t b = 0; b < nblk; ++b)
         for (int64_t k = 0; k < rank; ++k) memcpy(panels + (b * rank + k) * 16, m2row[k] + b * 16, 64);
-    /* Rows per two-phase step: a scratch of at most ~144 KB, so L2 holds it and the W0 lines prefetched for it. */
+    /* Rows per two-phase step: a scratch of at most ~144 KB, so L2 holds it and the W0 lines prefetched for it
+       (at least 4 rows: past ~9,200 columns it grows, up to DW_KEEP, and no longer fits L2). */
     int64_t chunk = cb > 0 ? (36864 / cb) / 4 * 4 : 4;
     chunk = chunk < 4 ? 4 : chunk > 24 ? 24 : chunk;
+    unsigned csr = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    csr = __builtin_ia32_stmxcsr(); /* e.g. torch.set_flush_denormal(True) sets it for the calling thread only */
+#endif
     dw_job jobs[64];
     int64_t per = (rows / threads + 3) / 4 * 4, start = 0;
     for (int t = 0; t < threads; ++t) {
         int64_t stop = (t == threads - 1 || start + per > rows) ? rows : start + per;
-        jobs[t] = (dw_job){w, w0, terms, m2row, panels, cols, rank, start, stop, chunk, nterms, streaming, 0};
+        jobs[t] = (dw_job){w, w0, terms, m2row, panels, cols, rank, start, stop, chunk, nterms, streaming, 0, csr};
         start = stop;
     }
     dw_run(jobs, threads);

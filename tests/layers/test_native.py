@@ -67,6 +67,33 @@ def test_strided_left_factor_and_thread_count_give_identical_bits() -> None:
 
 
 @needs_kernel
+def test_pool_workers_follow_the_callers_flush_to_zero_setting() -> None:
+    """Workers live across calls, and each thread has its own FTZ/DAZ bits: after
+    ``torch.set_flush_denormal(True)`` (the calling thread only) the rows a worker merged kept denormals that
+    the caller's rows flushed (65,534 of them, from a review), so the result depended on the thread count."""
+    before = torch.get_num_threads()
+    rows, cols = 512, 256
+    g = torch.Generator().manual_seed(0)
+    try:
+        torch.set_num_threads(2)
+        assert _merge1(torch.empty(rows, cols), *_case(rows, cols, 4)[:3], 1.0) is True  # workers exist now
+        w0 = torch.randn(rows, cols, generator=g) * 1e-39  # results in the denormal range
+        m1, m2 = torch.randn(rows, 4, generator=g) * 1e-20, torch.randn(4, cols, generator=g) * 1e-19
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = torch.empty(rows, cols)
+            assert _merge1(out, w0, m1, m2, 1.0) is True
+            outs.append(out)
+        assert outs[0].numpy().tobytes() == outs[1].numpy().tobytes()  # bitwise (DAZ would equate denormals)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+
+
+@needs_kernel
 def test_large_and_small_weights_give_the_same_bits_per_row() -> None:
     """A weight past 256 KB takes the two-phase loop (products to a scratch, then streamed out), a small one the
     one-phase loop; a row's result must not depend on which, nor on the chunk boundaries (rows not a multiple of
