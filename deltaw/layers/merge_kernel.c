@@ -375,6 +375,24 @@ int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw
 }
 #endif
 
+#ifdef DW_OMP
+/* GNU OpenMP hangs in a child forked from a process whose OpenMP threads exist: a child forked after this library
+ * was loaded runs its jobs on the calling thread. (One that loads it only after the fork is in the position of
+ * torch's own parallel ops there.) */
+static volatile int dw_forked;
+static void dw_mark_forked(void) { dw_forked = 1; }
+__attribute__((constructor)) static void dw_omp_init(void) { pthread_atfork(0, 0, dw_mark_forked); }
+#endif
+
+/* 1 when the jobs run on OpenMP threads (torch's runtime), 0 on this file's own pool. */
+int dw_openmp(void) {
+#ifdef DW_OMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Worker threads kept between calls. A merge calls the kernel once per layer (210 calls for the 135M model):
  * creating and joining a thread per call cost ~50 us each, ~10 ms of a ~100 ms merge. Workers spin briefly for
  * the next call (the next layer comes within ~50 us), then sleep on a condition variable, so an idle pool costs
@@ -459,6 +477,21 @@ static void dw_grow(int n) {
 
 /* Runs jobs[0..n) on up to n - 1 pool workers and the calling thread, which takes the jobs no worker has. */
 static void dw_run(dw_job *jobs, int n) {
+#ifdef DW_OMP
+    if (n > 1 && !dw_forked) {
+        /* Built with OpenMP against the runtime torch ships (native.py decides): the jobs run on torch's own
+           OpenMP threads. Those spin for some ms after every torch op, and this pool's threads competed with them
+           for the cores (merge + unmerge of the 135M shape right after a matmul: 110 vs 96 ms). */
+#pragma omp parallel for num_threads(n) schedule(static, 1)
+        for (int t = 0; t < n; ++t) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+            __builtin_ia32_ldmxcsr(jobs[t].csr);
+#endif
+            dw_rows(&jobs[t]);
+        }
+        return;
+    }
+#endif
     if (n == 1 || pthread_mutex_trylock(&dw_call) != 0) {
         for (int t = 0; t < n; ++t) dw_rows(&jobs[t]);
         return;

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import subprocess
 import tempfile
 import threading
@@ -56,15 +57,28 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _build(cc: str, target: Path) -> bool:
+def _variants() -> list[tuple[str, list[str]]]:
+    """(file-name tag, extra compiler flags) of the builds to try, best first. Where torch ships GNU OpenMP
+    (``torch/lib/libgomp.so.1``, Linux wheels), the kernel's threads are torch's own OpenMP threads: the library
+    names ``libgomp.so.1``, which the loader resolves to the copy torch already mapped. Torch's threads spin for
+    some ms after each op, and a separate pool competed with them for the cores (merge + unmerge of the 135M shape
+    right after a matmul: 110 vs 96 ms, random-order A/B). Then the plain build, with the file's own pool."""
+    lib = Path(torch.__file__).parent / "lib"
+    if sys.platform.startswith("linux") and (lib / "libgomp.so.1").is_file():
+        return [("omp-", ["-fopenmp", "-DDW_OMP", f"-Wl,-rpath,{lib}"]), ("", [])]
+    return [("", [])]
+
+
+def _build(cc: str, target: Path, flags: Sequence[str] = ()) -> bool:
     """Compile into ``target`` atomically (a temporary name in the same folder, then a rename)."""
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, "-O3", "-shared", "-fPIC", "-pthread", "-o", tmp, str(SOURCE), "-lm"],
+        done = subprocess.run([cc, "-O3", "-shared", "-fPIC", "-pthread", *flags, "-o", tmp, str(SOURCE), "-lm"],
                               capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            log.info("the merge kernel did not compile (%s): merges use the torch path", done.stderr.strip()[-300:])
+            log.info("the merge kernel did not compile%s (%s)", f" with {' '.join(flags)}" if flags else "",
+                     done.stderr.strip()[-300:])
             return False
         os.replace(tmp, target)
         return True
@@ -96,6 +110,8 @@ def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.dw_supported.restype = ctypes.c_int
     lib.dw_supported.argtypes = []
+    lib.dw_openmp.restype = ctypes.c_int
+    lib.dw_openmp.argtypes = []
     fn = lib.dw_merge_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_char_p,  # dw_term[]
@@ -126,15 +142,35 @@ def _compile() -> ctypes.CDLL | None:
     if cc is None:
         log.info("no C compiler found: merges use the torch path")
         return None
-    scratch = None
     try:
         real = os.path.realpath(cc)  # the compiler binary itself: a new compiler gets a new build
         st = os.stat(real)
-        ident = f"{real}:{st.st_size}:{st.st_mtime_ns}".encode()
-        key = hashlib.sha256(SOURCE.read_bytes() + ident).hexdigest()[:16]
+    except OSError as err:
+        log.info("the merge kernel is unavailable (%s): merges use the torch path", err)
+        return None
+    ident = f"{real}:{st.st_size}:{st.st_mtime_ns}"
+    lib = None
+    for tag, flags in _variants():
+        lib = _load_or_build(cc, ident, tag, flags)
+        if lib is not None:
+            break
+    if lib is None:
+        log.info("the merge kernel is unavailable: merges use the torch path")
+        return None
+    if not lib.dw_supported():
+        log.info("this CPU lacks AVX2/FMA: merges use the torch path")
+        return None
+    return lib
+
+
+def _load_or_build(cc: str, ident: str, tag: str, flags: list[str]) -> ctypes.CDLL | None:
+    """The cached build for these flags, built first if missing or damaged; None if it cannot be had."""
+    scratch = None
+    try:
+        key = hashlib.sha256(SOURCE.read_bytes() + f"{ident}:{' '.join(flags)}".encode()).hexdigest()[:16]
         from ..models.embedded import default_cache_dir
         folder = default_cache_dir() / "native"
-        target = folder / f"merge_kernel-{key}.so"
+        target = folder / f"merge_kernel-{tag}{key}.so"
         lib = None
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -150,23 +186,22 @@ def _compile() -> ctypes.CDLL | None:
                     except (OSError, AttributeError) as err:  # damaged: build it again
                         log.info("rebuilding the cached merge kernel %s (%s)", target, err)
                         target.unlink(missing_ok=True)
-            if lib is None and _build(cc, target):
-                lib = _open(target)
+            if lib is None and _build(cc, target, flags):
+                try:
+                    lib = _open(target)
+                except (OSError, AttributeError) as err:  # built but not loadable here (e.g. a runtime mismatch)
+                    log.info("the merge kernel built with %s does not load (%s)", flags or "no flags", err)
+                    target.unlink(missing_ok=True)
         except OSError:  # read-only or shared cache: build for this process only
             scratch = tempfile.mkdtemp(prefix="deltaw-native-")
             target = Path(scratch) / target.name
-            lib = _open(target) if _build(cc, target) else None
+            lib = _open(target) if _build(cc, target, flags) else None
     except (OSError, AttributeError, subprocess.SubprocessError) as err:
-        log.info("the merge kernel is unavailable (%s): merges use the torch path", err)
+        log.info("the merge kernel%s is unavailable (%s)", f" with {' '.join(flags)}" if flags else "", err)
         return None
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)  # already mapped
-    if lib is None:
-        return None
-    if not lib.dw_supported():
-        log.info("this CPU lacks AVX2/FMA: merges use the torch path")
-        return None
     return lib
 
 

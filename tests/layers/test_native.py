@@ -66,8 +66,40 @@ def test_strided_left_factor_and_thread_count_give_identical_bits() -> None:
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
+@pytest.fixture(params=["default", "own-pool"])
+def threading_build(request, tmp_path_factory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each way the kernel runs its jobs: the default build (on torch's OpenMP threads where torch ships GNU
+    OpenMP) and the build with the file's own thread pool (elsewhere), compiled here into a private cache."""
+    if native.kernel() is None:
+        pytest.skip("no C compiler / AVX2+FMA here")
+    if request.param == "own-pool":
+        monkeypatch.setenv("DELTAW_CACHE", str(tmp_path_factory.mktemp("pool-build")))
+        monkeypatch.setattr(native, "_variants", lambda: [("", [])])
+        lib = native._compile()
+        assert lib is not None and lib.dw_openmp() == 0
+        monkeypatch.setattr(native, "_lib", lib)
+        monkeypatch.setattr(native, "_tried", True)
+    return request.param
+
+
+def test_kernel_shares_torchs_openmp_runtime() -> None:
+    """Where torch ships GNU OpenMP, the kernel's jobs run on torch's own OpenMP threads (one runtime in the
+    process): a separate pool competed with torch's still-spinning threads right after every torch op."""
+    from pathlib import Path
+    if native.kernel() is None:
+        pytest.skip("no C compiler / AVX2+FMA here")
+    bundled = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+    if not (sys.platform.startswith("linux") and bundled.is_file()):
+        assert native.kernel().dw_openmp() == 0
+        return
+    assert native.kernel().dw_openmp() == 1
+    with open("/proc/self/maps") as maps:
+        mapped = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert mapped == {str(bundled.resolve())} or mapped == {str(bundled)}
+
+
 @needs_kernel
-def test_pool_workers_follow_the_callers_flush_to_zero_setting() -> None:
+def test_pool_workers_follow_the_callers_flush_to_zero_setting(threading_build: str) -> None:
     """Workers live across calls, and each thread has its own FTZ/DAZ bits: after
     ``torch.set_flush_denormal(True)`` (the calling thread only) the rows a worker merged kept denormals that
     the caller's rows flushed (65,534 of them, from a review), so the result depended on the thread count."""
@@ -139,7 +171,7 @@ def test_several_terms_equal_their_sum_and_split_over_threads_identically() -> N
 
 
 @needs_kernel
-def test_worker_pool_serves_concurrent_callers_and_a_forked_child() -> None:
+def test_worker_pool_serves_concurrent_callers_and_a_forked_child(threading_build: str) -> None:
     """The kernel keeps its worker threads between calls. Callers on several Python threads share them one call
     at a time, and a child forked after they exist gets its own (before the fork hook, the child waited forever
     for workers it did not have)."""
