@@ -4,8 +4,9 @@ Why native: on CPU a merge is bound by bytes moved. ``torch.addmm(W0, B, A, out=
 runs a K = r GEMM over W (two passes), and the NaN/inf scan is a third; the kernel reads W0 once and writes W
 once (135M model, 210 weights, 2 threads: ~65 ms against ~95 ms for addmm + sum; see benchmarks/merge_unmerge).
 Large weights go in two phases per chunk of rows (products into a per-thread scratch while W0 is prefetched,
-then streamed out), on worker threads the library keeps between calls (one call at a time uses them; a forked
-child starts its own; each job runs with the caller's flush-to-zero setting).
+then streamed out), on threads kept between calls: torch's own OpenMP threads where torch ships GNU OpenMP
+(``_variants``), else the file's own pool (one call at a time uses it; a forked child starts its own). Each job
+runs with the caller's flush-to-zero setting.
 
 The C file is compiled on the first merge that can use it, with the system C compiler (~1 s, mostly parsing
 ``immintrin.h``), into ``<deltaw cache>/native/`` under a name that hashes the source and the compiler binary
