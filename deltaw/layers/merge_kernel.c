@@ -375,6 +375,9 @@ int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw
 }
 #endif
 
+#if defined(DW_OMP) && (defined(__clang__) || !defined(__GNUC__))
+#error "the OpenMP build is for GCC, whose -fopenmp links libgomp: the runtime torch ships (another compiler would bring a second OpenMP runtime)"
+#endif
 #ifdef DW_OMP
 /* GNU OpenMP hangs in a child forked from a process whose OpenMP threads exist: a child forked after this library
  * was loaded runs its jobs on the calling thread. (One that loads it only after the fork is in the position of
@@ -484,10 +487,14 @@ static void dw_run(dw_job *jobs, int n) {
            for the cores (merge + unmerge of the 135M shape right after a matmul: 110 vs 96 ms). */
 #pragma omp parallel for num_threads(n) schedule(static, 1)
         for (int t = 0; t < n; ++t) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__)
+            unsigned own = __builtin_ia32_stmxcsr(); /* torch's thread: its own setting goes back afterwards */
             __builtin_ia32_ldmxcsr(jobs[t].csr);
-#endif
             dw_rows(&jobs[t]);
+            __builtin_ia32_ldmxcsr(own);
+#else
+            dw_rows(&jobs[t]);
+#endif
         }
         return;
     }
