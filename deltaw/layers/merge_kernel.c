@@ -102,6 +102,21 @@ static float *dw_scratch(size_t bytes) {
     return (float *)(fresh + 8);
 }
 
+/* The rows past the last whole group of 4 (element by element), then the job's finiteness verdict: chk and tail
+ * hold the sums of (v - v) over everything written, NaN exactly when some v was not finite. */
+__attribute__((target("avx2,fma")))
+static void dw_finish(dw_job *jb, int64_t i, float *c, __m256 chk, float tail) {
+    for (; i < jb->r1; ++i) {
+        dw_coefficients(jb, i, c);
+        for (int64_t j = 0; j < jb->cols; ++j) tail += dw_tail(jb, c, i, j);
+    }
+    if (jb->streaming) _mm_sfence();
+    float lanes[8];
+    _mm256_storeu_ps(lanes, chk);
+    for (int q = 0; q < 8; ++q) tail += lanes[q];
+    jb->bad = !(tail == 0.f);
+}
+
 /* s = the rank-R products of 4 rows (coefficients c) and columns [j, j + 16): the FMAs in k order. */
 __attribute__((target("avx2,fma"), always_inline))
 static inline void dw_block(const dw_job *jb, float c[4][DW_MAX_RANK], int64_t j, __m256 s[4][2]) {
@@ -151,15 +166,7 @@ static void dw_rows_direct(dw_job *jb) {
         for (; j < cols; ++j)
             for (int q = 0; q < 4; ++q) tail += dw_tail(jb, c[q], i + q, j);
     }
-    for (; i < jb->r1; ++i) {
-        dw_coefficients(jb, i, c[0]);
-        for (int64_t j = 0; j < cols; ++j) tail += dw_tail(jb, c[0], i, j);
-    }
-    if (jb->streaming) _mm_sfence();
-    float lanes[8];
-    _mm256_storeu_ps(lanes, chk);
-    for (int q = 0; q < 8; ++q) tail += lanes[q];
-    jb->bad = !(tail == 0.f);
+    dw_finish(jb, i, c[0], chk, tail);
 }
 
 __attribute__((target("avx2,fma")))
@@ -205,15 +212,7 @@ static void dw_rows(dw_job *jb) {
         }
         i = i1;
     }
-    for (; i < jb->r1; ++i) {
-        dw_coefficients(jb, i, c[0]);
-        for (int64_t j = 0; j < cols; ++j) tail += dw_tail(jb, c[0], i, j);
-    }
-    if (jb->streaming) _mm_sfence();
-    float lanes[8];
-    _mm256_storeu_ps(lanes, chk);
-    for (int q = 0; q < 8; ++q) tail += lanes[q];
-    jb->bad = !(tail == 0.f);
+    dw_finish(jb, i, c[0], chk, tail);
 }
 
 int dw_supported(void) {
