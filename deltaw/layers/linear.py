@@ -69,11 +69,13 @@ class LoraLinear(LoraLayer):
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
         a, b = self._a_params[name], self._b_params[name]
+        # A few tokens (decode), fp32 CPU: one pass over A and B for all of them (it declines anything else, and
+        # its checks are the only ones a decode step pays for).
+        if native.lora_gemv_(y, x, a, b, scale):
+            return y
         if x.dtype != a.dtype or y.dtype != b.dtype or not y.is_contiguous():
             return super().add_lora_(y, x, name, scale)
-        if y.numel() <= native.MAX_TOKENS * b.shape[0] and x.is_contiguous():  # a few tokens (decode)
-            if native.lora_gemv_(y, x, a, b, scale):  # one pass over A and B for all tokens (fp32 CPU)
-                return y
+        if x.is_contiguous() and y.numel() <= native.MAX_TOKENS * b.shape[0]:
             if y.numel() == b.shape[0]:  # one token
                 y.view(-1).addmv_(b, torch.mv(a, x.view(-1)), alpha=scale)  # (out,) += s·B·(A·x); (r,) between
                 return y  # (addmm_ with Bᵀ, a transposed view, costs ~4 µs more per module at this size)

@@ -57,6 +57,18 @@ typedef struct {
     unsigned csr; /* the caller's MXCSR (flush-to-zero, denormals-are-zero, rounding): workers run with it */
 } dw_job;
 
+#if defined(DW_OMP) && (defined(__clang__) || !defined(__GNUC__))
+#error "the OpenMP build is for GCC, whose -fopenmp links libgomp: the runtime torch ships (another compiler would bring a second OpenMP runtime)"
+#endif
+#ifdef DW_OMP
+/* GNU OpenMP hangs in a child forked from a process whose OpenMP threads exist: a child forked after this library
+ * was loaded runs its jobs on the calling thread. (One that loads it only after the fork is in the position of
+ * torch's own parallel ops there.) */
+static volatile int dw_forked;
+static void dw_mark_forked(void) { dw_forked = 1; }
+__attribute__((constructor)) static void dw_omp_init(void) { pthread_atfork(0, 0, dw_mark_forked); }
+#endif
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 
@@ -284,57 +296,109 @@ static inline __m256 dw_gemv_b8(const float *b, const float *h, int64_t r, __m25
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* n tokens: each token's h in turn (A stays in L1/L2 after the first), then each block of 8 rows of B once for
- * all tokens (it stays in L1). Every token gets exactly the one-token arithmetic above, so a row's result does
- * not depend on how many rows share the call. Token t is row idx[t] of x and y (row t when idx is NULL).
- * h: (n, rp) with rp = r rounded up to 8, zero-filled. */
+/* h rows [k0, k1) of every token (A's rows in that range are read once for all n tokens, staying in L1/L2 after
+ * the first). Each row of h has its own accumulators, so the grouping by 4 and the range split leave every value
+ * the same bits. Token t is row idx[t] of x (row t when idx is NULL). h: (n, rp), rp = r rounded up to 8. */
 __attribute__((target("avx2,fma")))
-static void dw_gemv_tokens(float *y, const float *x, const float *a, const float *b, int64_t n, const int64_t *idx,
-                           int64_t r, int64_t in, int64_t out, float s, float *h) {
-    int64_t rp = (r + 7) / 8 * 8;
+static void dw_gemv_h(float *h, const float *x, const float *a, int64_t n, const int64_t *idx, int64_t rp,
+                      int64_t k0, int64_t k1, int64_t in, float s) {
     for (int64_t t = 0; t < n; ++t) {
         float *ht = h + t * rp;
         const float *xt = x + (idx ? idx[t] : t) * in;
-        int64_t k = 0;
-        for (; k + 4 <= r; k += 4) dw_gemv_a(ht, xt, a, k, 4, in, s);
-        for (; k < r; ++k) dw_gemv_a(ht, xt, a, k, 1, in, s);
+        int64_t k = k0;
+        for (; k + 4 <= k1; k += 4) dw_gemv_a(ht, xt, a, k, 4, in, s);
+        for (; k < k1; ++k) dw_gemv_a(ht, xt, a, k, 1, in, s);
     }
+}
+
+/* Outputs [o0, o1) of every token (o0 a multiple of 8): each block of 8 rows of B once for all tokens (it stays
+ * in L1); the last rows, when o1 = out is not a multiple of 8, copied into a zero-filled block of 8 so they get
+ * the same arithmetic. h: zero-filled past r. */
+__attribute__((target("avx2,fma")))
+static void dw_gemv_y(float *y, const float *b, const float *h, int64_t n, const int64_t *idx, int64_t r,
+                      int64_t rp, int64_t o0, int64_t o1, int64_t out) {
     int32_t lanes[8];
     for (int q = 0; q < 8; ++q) lanes[q] = (q < r % 8) ? -1 : 0;
     __m256i mask = _mm256_loadu_si256((const __m256i *)lanes);
-    int64_t o = 0;
-    for (; o + 8 <= out; o += 8)
+    int64_t o = o0;
+    for (; o + 8 <= o1; o += 8)
         for (int64_t t = 0; t < n; ++t) {
             float *yt = y + (idx ? idx[t] : t) * out + o;
             _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), dw_gemv_b8(b + o * r, h + t * rp, r, mask)));
         }
-    if (o < out) {  /* the last rows, copied into a zero-filled block of 8 so they get the same arithmetic */
+    if (o < o1) {
         float tail[8 * DW_MAX_RANK];
         memset(tail, 0, sizeof(float) * 8 * r);
-        memcpy(tail, b + o * r, sizeof(float) * (out - o) * r);
+        memcpy(tail, b + o * r, sizeof(float) * (o1 - o) * r);
         for (int64_t t = 0; t < n; ++t) {
             float u[8], *yt = y + (idx ? idx[t] : t) * out + o;
             _mm256_storeu_ps(u, dw_gemv_b8(tail, h + t * rp, r, mask));
-            for (int64_t q = 0; q < out - o; ++q) yt[q] += u[q];
+            for (int64_t q = 0; q < o1 - o; ++q) yt[q] += u[q];
         }
     }
+}
+
+/* n tokens, one term, on the calling thread: every h first, then every output. Every token gets exactly the
+ * one-token arithmetic above, so a row's result does not depend on how many rows share the call. */
+static void dw_gemv_tokens(float *y, const float *x, const float *a, const float *b, int64_t n, const int64_t *idx,
+                           int64_t r, int64_t in, int64_t out, float s, float *h) {
+    int64_t rp = (r + 7) / 8 * 8;
+    dw_gemv_h(h, x, a, n, idx, rp, 0, r, in, s);
+    dw_gemv_y(y, b, h, n, idx, r, rp, 0, out, out);
 }
 
 /* A scratch h of n x rp floats: on the stack when small, else allocated (NULL on failure). */
 #define DW_STACK_H (4 * DW_MAX_RANK)
 
+#ifdef DW_OMP
+#include <omp.h>
+/* From how many tokens and factor bytes the update is split over the threads. Below, one thread's pass beat the
+ * fork/join (135M shape, 2 threads, the update's time per decode step: B = 1 3.05 ms on one thread vs 3.47 split,
+ * B = 4 3.76 vs 3.55, B = 16 6.05 vs 4.28). */
+#define DW_GEMV_SPLIT_TOKENS 8
+#define DW_GEMV_SPLIT_BYTES (16 << 10)
+
+/* The update on `threads` OpenMP threads, torch's own (see dw_run): thread i takes an even share of h's rows in
+ * groups of 4, then, after a barrier, an even share of the outputs in blocks of 8. The base GEMM before it ran on
+ * the same threads, which still spin, so the fork costs ~1 us; it pays where a batch's update is compute-bound.
+ * Every value is computed by the same code as on one thread, so the bits do not depend on the thread count. */
+static void dw_gemv_split(float *y, const float *x, const float *a, const float *b, int64_t n, int64_t r, int64_t in,
+                          int64_t out, float s, float *h, int threads) {
+    unsigned csr = __builtin_ia32_stmxcsr();
+    int64_t rp = (r + 7) / 8 * 8, groups = (r + 3) / 4, blocks = (out + 7) / 8;
+#pragma omp parallel num_threads(threads)
+    {
+        unsigned own = __builtin_ia32_stmxcsr(); /* torch's thread: its own setting goes back afterwards */
+        __builtin_ia32_ldmxcsr(csr);
+        int64_t i = omp_get_thread_num(), m = omp_get_num_threads();
+        int64_t k0 = groups * i / m * 4, k1 = groups * (i + 1) / m * 4;
+        dw_gemv_h(h, x, a, n, 0, rp, k0 < r ? k0 : r, k1 < r ? k1 : r, in, s);
+#pragma omp barrier
+        int64_t o0 = blocks * i / m * 8, o1 = blocks * (i + 1) / m * 8;
+        dw_gemv_y(y, b, h, n, 0, r, rp, o0 < out ? o0 : out, o1 < out ? o1 : out, out);
+        __builtin_ia32_ldmxcsr(own);
+    }
+}
+#endif
+
 /* y (n, out) += s · (x (n, in) Aᵀ) Bᵀ for a few tokens (decode of a small batch): A and B are read from memory
  * once for all n tokens, where two torch GEMMs of these skinny shapes pay more than their arithmetic in per-op
- * and threading overhead. Returns -1 (nothing written) for shapes it does not take or a failed allocation. */
+ * and threading overhead. On up to `threads` threads in the OpenMP build, else on the calling thread. Returns -1
+ * (nothing written) for shapes it does not take or a failed allocation. */
 int dw_lora_gemv_f32(float *y, const float *x, const float *a, const float *b, int64_t n, int64_t r, int64_t in,
-                     int64_t out, float s) {
+                     int64_t out, float s, int threads) {
     if (!dw_supported() || n < 1 || r < 1 || r > DW_MAX_RANK || in < 1 || out < 1) return -1;
     int64_t rp = (r + 7) / 8 * 8;
     float stack[DW_STACK_H] __attribute__((aligned(32)));
     float *h = n * rp <= DW_STACK_H ? stack : (float *)aligned_alloc(32, (size_t)(n * rp) * sizeof(float));
     if (!h) return -1;
     memset(h, 0, (size_t)(n * rp) * sizeof(float));  /* zeros past r: the last chunk's padding */
-    dw_gemv_tokens(y, x, a, b, n, 0, r, in, out, s, h);
+#ifdef DW_OMP
+    if (threads > 1 && !dw_forked && n >= DW_GEMV_SPLIT_TOKENS && r * (in + out) * 4 >= DW_GEMV_SPLIT_BYTES)
+        dw_gemv_split(y, x, a, b, n, r, in, out, s, h, threads > 64 ? 64 : threads);
+    else
+#endif
+        dw_gemv_tokens(y, x, a, b, n, 0, r, in, out, s, h);
     if (h != stack) free(h);
     return 0;
 }
@@ -366,24 +430,12 @@ int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw
 static void dw_rows(dw_job *jb) { jb->bad = 1; }
 int dw_supported(void) { return 0; }
 int dw_lora_gemv_f32(float *y, const float *x, const float *a, const float *b, int64_t n, int64_t r, int64_t in,
-                     int64_t out, float s) {
+                     int64_t out, float s, int threads) {
     return -1;
 }
 int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms) {
     return -1;
 }
-#endif
-
-#if defined(DW_OMP) && (defined(__clang__) || !defined(__GNUC__))
-#error "the OpenMP build is for GCC, whose -fopenmp links libgomp: the runtime torch ships (another compiler would bring a second OpenMP runtime)"
-#endif
-#ifdef DW_OMP
-/* GNU OpenMP hangs in a child forked from a process whose OpenMP threads exist: a child forked after this library
- * was loaded runs its jobs on the calling thread. (One that loads it only after the fork is in the position of
- * torch's own parallel ops there.) */
-static volatile int dw_forked;
-static void dw_mark_forked(void) { dw_forked = 1; }
-__attribute__((constructor)) static void dw_omp_init(void) { pthread_atfork(0, 0, dw_mark_forked); }
 #endif
 
 /* 1 when the jobs run on OpenMP threads (torch's runtime), 0 on this file's own pool. */

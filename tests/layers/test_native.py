@@ -582,6 +582,38 @@ def test_gemv_row_results_do_not_depend_on_batch_or_position() -> None:
     assert torch.equal(shifted, together[:, 3:])
 
 
+@needs_kernel
+@pytest.mark.parametrize("n, r, n_in, n_out", [(16, 16, 576, 1536), (8, 12, 577, 1541), (16, 5, 300, 1003),
+                                               (9, 64, 100, 70)])
+def test_gemv_bits_do_not_depend_on_the_thread_count(n: int, r: int, n_in: int, n_out: int) -> None:
+    """From 8 tokens the OpenMP build splits the update over torch's threads (h's rows, then the outputs): every
+    value must still be the one-thread bits, tails (r % 4, out % 8) and flush-to-zero included, and torch's
+    threads keep their own flush setting afterwards."""
+    g = torch.Generator().manual_seed(n * r + n_out)
+    a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
+    x, y0 = torch.randn(n, n_in, generator=g), torch.randn(n, n_out, generator=g)
+    before = torch.get_num_threads()
+    try:
+        # flushed: normal x, scale and outputs, but denormal h (~1e-39) and updates, which only FTZ/DAZ drop
+        for flush, scale, tiny_x, tiny_y in ((False, 0.37, 1.0, 1.0), (True, 1e-30, 1e-10, 1e-37)):
+            if flush and not torch.set_flush_denormal(True):
+                pytest.skip("this CPU cannot flush denormals")
+            outs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                y = y0 * tiny_y
+                assert native.lora_gemv_(y, x * tiny_x, a, b, scale)
+                outs.append(y.numpy().tobytes())
+            assert outs[0] == outs[1] == outs[2]
+            torch.set_flush_denormal(False)
+        torch.set_num_threads(2)
+        tiny = torch.full((1 << 20,), 1e-40)
+        assert int(((tiny * 1.0) == 0).sum()) == 0
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+
+
 def test_gemv_declines_what_it_cannot_do() -> None:
     a, b, x = torch.randn(4, 8), torch.randn(6, 4), torch.randn(8)
     n = native.MAX_TOKENS + 1
