@@ -406,23 +406,76 @@ int dw_lora_gemv_f32(float *y, const float *x, const float *a, const float *b, i
 /* A mixed batch's decode step (one adapter per row, or a weighted stack): for each term, the rows idx[0..n) of x
  * and y get y += s · B (A x), with the arithmetic above, so a row whose spec is one adapter gets exactly what it
  * gets alone. Terms are added in order (a stacked row gets its terms one after another). All terms are checked
- * before anything is written; returns -1 (nothing written) when one does not fit. */
-int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms) {
+ * before anything is written; returns -1 (nothing written) when one does not fit.
+ * From DW_GEMV_SPLIT_TOKENS entries, the OpenMP build splits the work over `threads` of torch's threads: first
+ * every term's h, an even share of the (term, group of 4 rows of h) pairs each; after a barrier, an even share of
+ * the outputs each, every term in order. Each value is computed by the same code as on one thread, in the same
+ * order, so the bits do not depend on the thread count. */
+int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms,
+                     int threads) {
     if (!dw_supported() || in < 1 || out < 1 || nterms < 1) return -1;
-    int64_t most = 0;
+    int64_t most = 0, total = 0, entries = 0, bytes = 0;
     for (int t = 0; t < nterms; ++t) {
         int64_t need = terms[t].n * ((terms[t].r + 7) / 8 * 8);
         if (terms[t].r < 1 || terms[t].r > DW_MAX_RANK || terms[t].n < 1) return -1;
         if (need > most) most = need;
+        total += need;
+        entries += terms[t].n;
+        bytes += terms[t].r * (in + out) * 4;
     }
+    int split = 0;
+#ifdef DW_OMP
+    split = threads > 1 && !dw_forked && entries >= DW_GEMV_SPLIT_TOKENS && bytes >= DW_GEMV_SPLIT_BYTES;
+#endif
+    int64_t size = split ? total : most; /* split: every term's h at once */
     float stack[DW_STACK_H] __attribute__((aligned(32)));
-    float *h = most <= DW_STACK_H ? stack : (float *)aligned_alloc(32, (size_t)most * sizeof(float));
+    float *h = size <= DW_STACK_H ? stack : (float *)aligned_alloc(32, (size_t)size * sizeof(float));
     if (!h) return -1;
-    for (int t = 0; t < nterms; ++t) {
-        const dw_rowterm *tm = &terms[t];
-        memset(h, 0, (size_t)(tm->n * ((tm->r + 7) / 8 * 8)) * sizeof(float));
-        dw_gemv_tokens(y, x, tm->a, tm->b, tm->n, tm->rows, tm->r, in, out, tm->s, h);
+    if (!split) {
+        for (int t = 0; t < nterms; ++t) {
+            const dw_rowterm *tm = &terms[t];
+            memset(h, 0, (size_t)(tm->n * ((tm->r + 7) / 8 * 8)) * sizeof(float));
+            dw_gemv_tokens(y, x, tm->a, tm->b, tm->n, tm->rows, tm->r, in, out, tm->s, h);
+        }
     }
+#ifdef DW_OMP
+    else {
+        memset(h, 0, (size_t)total * sizeof(float));
+        int64_t groups = 0;
+        for (int t = 0; t < nterms; ++t) groups += (terms[t].r + 3) / 4;
+        int64_t blocks = (out + 7) / 8;
+        unsigned csr = __builtin_ia32_stmxcsr();
+#pragma omp parallel num_threads(threads > 64 ? 64 : threads)
+        {
+            unsigned own = __builtin_ia32_stmxcsr(); /* torch's thread: its own setting goes back afterwards */
+            __builtin_ia32_ldmxcsr(csr);
+            int64_t i = omp_get_thread_num(), m = omp_get_num_threads();
+            int64_t g0 = groups * i / m, g1 = groups * (i + 1) / m, g = 0;
+            float *ht = h;
+            for (int t = 0; t < nterms && g < g1; ++t) { /* term t owns groups [g, g + its groups) */
+                const dw_rowterm *tm = &terms[t];
+                int64_t mine = (tm->r + 3) / 4, rp = (tm->r + 7) / 8 * 8;
+                int64_t lo = g0 > g ? g0 - g : 0, hi = g1 - g < mine ? g1 - g : mine;
+                if (lo < hi)
+                    dw_gemv_h(ht, x, tm->a, tm->n, tm->rows, rp, lo * 4, hi * 4 < tm->r ? hi * 4 : tm->r, in, tm->s);
+                g += mine;
+                ht += tm->n * rp;
+            }
+#pragma omp barrier
+            int64_t o0 = blocks * i / m * 8, o1 = blocks * (i + 1) / m * 8;
+            o0 = o0 < out ? o0 : out;
+            o1 = o1 < out ? o1 : out;
+            ht = h;
+            for (int t = 0; t < nterms; ++t) {
+                const dw_rowterm *tm = &terms[t];
+                int64_t rp = (tm->r + 7) / 8 * 8;
+                if (o0 < o1) dw_gemv_y(y, tm->b, ht, tm->n, tm->rows, tm->r, rp, o0, o1, out);
+                ht += tm->n * rp;
+            }
+            __builtin_ia32_ldmxcsr(own);
+        }
+    }
+#endif
     if (h != stack) free(h);
     return 0;
 }
@@ -433,7 +486,8 @@ int dw_lora_gemv_f32(float *y, const float *x, const float *a, const float *b, i
                      int64_t out, float s, int threads) {
     return -1;
 }
-int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms) {
+int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw_rowterm *terms, int nterms,
+                     int threads) {
     return -1;
 }
 #endif

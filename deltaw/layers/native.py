@@ -124,7 +124,7 @@ def _open(path: Path) -> ctypes.CDLL:
     rows = lib.dw_lora_rows_f32
     rows.restype = ctypes.c_int
     rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.POINTER(_RowTerm),
-                     ctypes.c_int]
+                     ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -404,4 +404,4 @@ def lora_rows_(y: torch.Tensor, x: torch.Tensor, terms: RowTerms) -> bool:
     ptrs = _pointers(y, x)
     if ptrs is None:
         return False
-    return _lib.dw_lora_rows_f32(*ptrs, terms.in_f, terms.out_f, terms.array, terms.count) == 0
+    return _lib.dw_lora_rows_f32(*ptrs, terms.in_f, terms.out_f, terms.array, terms.count, _gemv_threads()) == 0

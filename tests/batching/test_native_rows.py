@@ -158,3 +158,41 @@ def test_a_call_the_kernel_declines_runs_the_fallback():
 def test_half_precision_models_choose_another_kernel():
     """A bf16 model: the kernel is fp32 only, so the plan picks grouped up front."""
     _grouped_matches_reference(_model().to(torch.bfloat16), ["a", "b"], seed=6, tol=2e-2)
+
+
+@pytest.mark.parametrize("out_f", [1541, 64])
+def test_rows_split_over_threads_give_the_one_thread_bits(out_f: int):
+    """From 8 entries the OpenMP build splits a mixed batch's update over torch's threads (every term's h, then
+    the outputs, every term in order): a stacked row's terms must still be added in order and every value be the
+    one-thread bits, for mixed ranks (r % 4, r % 8 tails), flush-to-zero on the workers included."""
+    g = torch.Generator().manual_seed(out_f)
+    in_f, entries = 577, 16
+    ranks, rows = [16, 5, 12, 64, 1], [[0, 3, 7, 9], [1, 2, 3], list(range(4, 16)), [0, 15], [3]]  # 3: a stack
+    terms = [(torch.randn(r, in_f, generator=g), torch.randn(out_f, r, generator=g), 0.3 * (k + 1), idx)
+             for k, (r, idx) in enumerate(zip(ranks, rows))]
+    x, y0 = torch.randn(entries, in_f, generator=g), torch.randn(entries, out_f, generator=g)
+    before = torch.get_num_threads()
+    try:
+        # flushed: normal inputs and outputs, denormal h and updates (~1e-39), which only FTZ/DAZ drop
+        for flush, tiny_x, tiny_y in ((False, 1.0, 1.0), (True, 1e-10, 1e-37)):
+            scaled = [(a, b, s * (1e-30 if flush else 1.0), idx) for a, b, s, idx in terms]
+            prepared = native.row_terms(scaled, entries)
+            if flush and not torch.set_flush_denormal(True):
+                pytest.skip("this CPU cannot flush denormals")
+            outs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                y = y0 * tiny_y
+                assert native.lora_rows_(y, x * tiny_x, prepared)
+                outs.append(y.numpy().tobytes())
+            assert outs[0] == outs[1] == outs[2]
+            torch.set_flush_denormal(False)
+        expected = y0.double()  # (the terms' sums run to ~1e3: checked against fp64)
+        for a, b, s, idx in terms:
+            expected[idx] += s * (x[idx].double() @ a.T.double()) @ b.T.double()
+        y = y0.clone()
+        assert native.lora_rows_(y, x, native.row_terms(terms, entries))
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-3)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
