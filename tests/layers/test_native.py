@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import deltaw
+from thread_checks import assert_same_bits_for_any_thread_count
 from toy_models import Single
 from deltaw.errors import NonFiniteError
 from deltaw.layers import native
@@ -592,26 +593,8 @@ def test_gemv_bits_do_not_depend_on_the_thread_count(n: int, r: int, n_in: int, 
     g = torch.Generator().manual_seed(n * r + n_out)
     a, b = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
     x, y0 = torch.randn(n, n_in, generator=g), torch.randn(n, n_out, generator=g)
-    before = torch.get_num_threads()
-    try:
-        # flushed: normal x, scale and outputs, but denormal h (~1e-39) and updates, which only FTZ/DAZ drop
-        for flush, scale, tiny_x, tiny_y in ((False, 0.37, 1.0, 1.0), (True, 1e-30, 1e-10, 1e-37)):
-            if flush and not torch.set_flush_denormal(True):
-                pytest.skip("this CPU cannot flush denormals")
-            outs = []
-            for threads in (1, 2, 3):
-                torch.set_num_threads(threads)
-                y = y0 * tiny_y
-                assert native.lora_gemv_(y, x * tiny_x, a, b, scale)
-                outs.append(y.numpy().tobytes())
-            assert outs[0] == outs[1] == outs[2]
-            torch.set_flush_denormal(False)
-        torch.set_num_threads(2)
-        tiny = torch.full((1 << 20,), 1e-40)
-        assert int(((tiny * 1.0) == 0).sum()) == 0
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(before)
+    assert_same_bits_for_any_thread_count(lambda y, xx, factor: native.lora_gemv_(y, xx, a, b, 0.37 * factor),
+                                          x, y0)
 
 
 def test_gemv_declines_what_it_cannot_do() -> None:
