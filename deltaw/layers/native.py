@@ -165,14 +165,27 @@ def _compile() -> ctypes.CDLL | None:
     return lib
 
 
+def _mark_failed(marker: Path) -> None:
+    """Remember that a build failed for a reason that will not change by itself (the compiler refused it, or the
+    library it made does not load here): without this, every new process paid a compile (~1 s) before falling
+    back. The marker's name carries the build's key (source, compiler, flags), so a change to any of those tries
+    again; deleting the cache folder does too."""
+    try:
+        marker.touch(mode=0o600)
+    except OSError:
+        pass
+
+
 def _load_or_build(cc: str, ident: str, tag: str, flags: list[str]) -> ctypes.CDLL | None:
-    """The cached build for these flags, built first if missing or damaged; None if it cannot be had."""
+    """The cached build for these flags, built first if missing or damaged; None if it cannot be had (or it
+    failed here before, see ``_mark_failed``)."""
     scratch = None
     try:
         key = hashlib.sha256(SOURCE.read_bytes() + f"{ident}:{' '.join(flags)}".encode()).hexdigest()[:16]
         from ..models.embedded import default_cache_dir
         folder = default_cache_dir() / "native"
         target = folder / f"merge_kernel-{tag}{key}.so"
+        failed = folder / f"merge_kernel-{tag}{key}.failed"
         lib = None
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -188,12 +201,19 @@ def _load_or_build(cc: str, ident: str, tag: str, flags: list[str]) -> ctypes.CD
                     except (OSError, AttributeError) as err:  # damaged: build it again
                         log.info("rebuilding the cached merge kernel %s (%s)", target, err)
                         target.unlink(missing_ok=True)
-            if lib is None and _build(cc, target, flags):
-                try:
-                    lib = _open(target)
-                except (OSError, AttributeError) as err:  # built but not loadable here (e.g. a runtime mismatch)
-                    log.info("the merge kernel built with %s does not load (%s)", flags or "no flags", err)
-                    target.unlink(missing_ok=True)
+            if lib is None:
+                if failed.is_file() and _private(failed):
+                    log.info("skipping the merge kernel build %s: it failed here before (%s)", target.name, failed)
+                    return None
+                if not _build(cc, target, flags):
+                    _mark_failed(failed)
+                else:
+                    try:
+                        lib = _open(target)
+                    except (OSError, AttributeError) as err:  # built but not loadable here (e.g. a runtime mismatch)
+                        log.info("the merge kernel built with %s does not load (%s)", flags or "no flags", err)
+                        target.unlink(missing_ok=True)
+                        _mark_failed(failed)
         except OSError:  # read-only or shared cache: build for this process only
             scratch = tempfile.mkdtemp(prefix="deltaw-native-")
             target = Path(scratch) / target.name

@@ -383,7 +383,27 @@ def test_a_failing_compiler_leaves_the_torch_path(tmp_path, monkeypatch: pytest.
     monkeypatch.setenv("CC", str(fake))
     monkeypatch.setenv("DELTAW_CACHE", str(tmp_path / "cache"))
     assert native._compile() is None
-    assert not list((tmp_path / "cache" / "native").glob("*"))  # no half-written file left behind
+    left = {p.suffix for p in (tmp_path / "cache" / "native").glob("*")}
+    assert left == {".failed"}  # no half-written file left behind: only the markers of the failed builds
+
+
+def test_a_build_that_failed_is_not_retried_by_every_process(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that refuses the source (here: for every variant) is run once per build key, not on every start
+    (each failed try of the OpenMP build cost a compile before the fallback); a new compiler tries again."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "cc"
+    fake.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'no such luck' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("DELTAW_CACHE", str(tmp_path / "cache"))
+    assert native._compile() is None
+    tries = len(calls.read_text().splitlines())
+    assert tries == len(native._variants())
+    assert native._compile() is None
+    assert len(calls.read_text().splitlines()) == tries  # skipped: the markers say these builds failed here
+    fake.write_text(fake.read_text() + "\n")  # another compiler binary: another key
+    assert native._compile() is None
+    assert len(calls.read_text().splitlines()) == 2 * tries
 
 
 @pytest.mark.parametrize("native_on", [True, False])
