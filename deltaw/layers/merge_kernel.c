@@ -67,6 +67,19 @@ typedef struct {
 static volatile int dw_forked;
 static void dw_mark_forked(void) { dw_forked = 1; }
 __attribute__((constructor)) static void dw_omp_init(void) { pthread_atfork(0, 0, dw_mark_forked); }
+#if defined(__x86_64__)
+/* Around each parallel region. A thread libgomp creates for a region starts with the creating thread's MXCSR, and
+ * what it restores after its job is that: with the caller's flush-to-zero / denormals-are-zero it would keep them
+ * for good (a later parallel torch op flushed half of 2^20 denormals, from a review). So the caller clears the two
+ * bits while the region starts (every job loads the caller's full setting itself) and gets them back after. */
+#define DW_FTZ_DAZ 0x8040u
+static inline unsigned dw_csr_enter(void) {
+    unsigned csr = __builtin_ia32_stmxcsr();
+    __builtin_ia32_ldmxcsr(csr & ~DW_FTZ_DAZ);
+    return csr;
+}
+static inline void dw_csr_leave(unsigned csr) { __builtin_ia32_ldmxcsr(csr); }
+#endif
 #endif
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -364,7 +377,7 @@ static void dw_gemv_tokens(float *y, const float *x, const float *a, const float
  * Every value is computed by the same code as on one thread, so the bits do not depend on the thread count. */
 static void dw_gemv_split(float *y, const float *x, const float *a, const float *b, int64_t n, int64_t r, int64_t in,
                           int64_t out, float s, float *h, int threads) {
-    unsigned csr = __builtin_ia32_stmxcsr();
+    unsigned csr = dw_csr_enter();
     int64_t rp = (r + 7) / 8 * 8, groups = (r + 3) / 4, blocks = (out + 7) / 8;
 #pragma omp parallel num_threads(threads)
     {
@@ -378,6 +391,7 @@ static void dw_gemv_split(float *y, const float *x, const float *a, const float 
         dw_gemv_y(y, b, h, n, 0, r, rp, o0 < out ? o0 : out, o1 < out ? o1 : out, out);
         __builtin_ia32_ldmxcsr(own);
     }
+    dw_csr_leave(csr);
 }
 #endif
 
@@ -444,7 +458,7 @@ int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw
         int64_t groups = 0;
         for (int t = 0; t < nterms; ++t) groups += (terms[t].r + 3) / 4;
         int64_t blocks = (out + 7) / 8;
-        unsigned csr = __builtin_ia32_stmxcsr();
+        unsigned csr = dw_csr_enter();
 #pragma omp parallel num_threads(threads > 64 ? 64 : threads)
         {
             unsigned own = __builtin_ia32_stmxcsr(); /* torch's thread: its own setting goes back afterwards */
@@ -474,6 +488,7 @@ int dw_lora_rows_f32(float *y, const float *x, int64_t in, int64_t out, const dw
             }
             __builtin_ia32_ldmxcsr(own);
         }
+        dw_csr_leave(csr);
     }
 #endif
     if (h != stack) free(h);
@@ -590,6 +605,9 @@ static void dw_run(dw_job *jobs, int n) {
         /* Built with OpenMP against the runtime torch ships (native.py decides): the jobs run on torch's own
            OpenMP threads. Those spin for some ms after every torch op, and this pool's threads competed with them
            for the cores (merge + unmerge of the 135M shape right after a matmul: 110 vs 96 ms). */
+#if defined(__x86_64__)
+        unsigned csr = dw_csr_enter();
+#endif
 #pragma omp parallel for num_threads(n) schedule(static, 1)
         for (int t = 0; t < n; ++t) {
 #if defined(__x86_64__)
@@ -601,6 +619,9 @@ static void dw_run(dw_job *jobs, int n) {
             dw_rows(&jobs[t]);
 #endif
         }
+#if defined(__x86_64__)
+        dw_csr_leave(csr);
+#endif
         return;
     }
 #endif

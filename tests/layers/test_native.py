@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,6 +98,43 @@ def test_kernel_shares_torchs_openmp_runtime() -> None:
     with open("/proc/self/maps") as maps:
         mapped = {line.split()[-1] for line in maps if "libgomp" in line}
     assert mapped == {str(bundled.resolve())} or mapped == {str(bundled)}
+
+
+_FIRST_REGION = """
+import torch
+from deltaw.layers import native
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(16, 576, generator=g), torch.zeros(16, 576)
+a, b = torch.randn(16, 576, generator=g) * 1e-3, torch.randn(576, 16, generator=g) * 1e-3
+w0, out = torch.randn(512, 256, generator=g), torch.empty(512, 256)
+m1, m2 = torch.randn(512, 4, generator=g), torch.randn(4, 256, generator=g)
+assert native.kernel() is not None and native.kernel().dw_openmp() == 1
+assert torch.set_flush_denormal(True)
+if "{call}" == "gemv":
+    assert native.lora_gemv_(y, x, a, b, 1.0)
+elif "{call}" == "rows":
+    assert native.lora_rows_(y, x, native.row_terms([(a, b, 1.0, list(range(16)))], 16))
+else:
+    assert native.merge_terms_into(out, w0, ((m1, m2, 1.0),)) is True
+torch.set_flush_denormal(False)
+tiny = torch.full((1 << 20,), 1e-40)
+print(int(((tiny * 1.0) == 0).sum()))
+"""
+
+
+@needs_kernel
+@pytest.mark.parametrize("call", ["gemv", "rows", "merge"])
+def test_threads_a_kernel_call_creates_do_not_keep_the_callers_flush_setting(call: str) -> None:
+    """The first parallel region of a process creates torch's OpenMP workers, and a new thread starts with its
+    creator's MXCSR: created under the caller's flush-to-zero, a worker restored that after its job and kept it
+    (a later parallel torch op flushed 524,288 of 2**20 denormals, from a review; failed before the fix)."""
+    if sys.platform != "linux" or not (Path(torch.__file__).parent / "lib" / "libgomp.so.1").is_file():
+        pytest.skip("the OpenMP build is for torch's GNU OpenMP (Linux wheels)")
+    done = subprocess.run([sys.executable, "-c", _FIRST_REGION.replace("{call}", call)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0"
 
 
 @needs_kernel
