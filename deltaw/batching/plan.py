@@ -82,10 +82,17 @@ class RowPlan:
         return len(self.rows)
 
     def apply(self, layer: LoraLayer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._rows(layer)(x, y)
+
+    def start(self, layer: LoraLayer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """bias + the rows' deltas for ``layer`` to add its base product into, or None (see ``LayerRows.start``)."""
+        return self._rows(layer).start(x, bias)
+
+    def _rows(self, layer: LoraLayer) -> LayerRows:
         rows = self._layers.get(layer)
         if rows is None:
             rows = self._layers[layer] = self._build(layer)
-        return rows(x, y)
+        return rows
 
     def single_head(self, wrapper: ModulesToSave) -> str | None:
         head = self._heads.get(wrapper, ...)

@@ -214,6 +214,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         # A base layer of exactly a type whose forward ``base_forward`` reproduces may be run directly when it
         # has no hooks: nn.Module.__call__ costs more than a decode step's GEMV on 200 modules.
         object.__setattr__(self, "_plain_base", self.is_plain_base(base_layer))
+        object.__setattr__(self, "_into_ok", self._base_into_matches())
 
     # The factor dicts, read per call: forward goes through these rather than ``self.lora_A`` because
     # nn.Module.__getattr__ on a submodule costs more than the LoRA matmuls of a decode step. Never cached as
@@ -351,7 +352,13 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         if state.disabled:
             return base(x) if self._pristine is None else self.pristine_forward(x)
         if self.runs_directly(base):
-            y = self.base_forward(x, base._parameters["weight"])  # what base(x) runs, minus the call machinery
+            weight = base._parameters["weight"]
+            if state.rows is not None and self._into_ok and x.is_cpu and x.dtype == weight.dtype:
+                # A prefill of mixed rows: the deltas (and bias) first, the base product added into them.
+                d = state.rows.start(self, x, base._parameters.get("bias"))
+                if d is not None:
+                    return self.base_into(d, x, weight)
+            y = self.base_forward(x, weight)  # what base(x) runs, minus the call machinery
         else:
             y = base(x)
         if state.rows is not None:
@@ -372,6 +379,17 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 else:
                     y = y + self.lora_out(name, x, y.dtype) * scale
         return y
+
+    # Optional hook, for layers whose ``base_forward`` is one GEMM plus bias (Linear, Conv1D):
+    #     base_into(d, x, weight) -> d   adds the product of x with ``weight`` into d (the output's shape, the
+    #                                     bias already in it) in place: the GEMM's C operand.
+    @classmethod
+    def _base_into_matches(cls) -> bool:
+        """True when a class defines ``base_into`` and the same class defines ``base_forward``: a subclass that
+        overrides only ``base_forward`` must not get an inherited ``base_into`` that computes something else."""
+        def owner(name: str) -> type | None:
+            return next((k for k in cls.__mro__ if name in k.__dict__), None)
+        return owner("base_into") is not None and owner("base_into") is owner("base_forward")
 
     def pristine_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output with W0 while merged weights are installed (``disabled()``).

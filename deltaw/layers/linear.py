@@ -86,6 +86,10 @@ class LoraLinear(LoraLayer):
     def base_forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight, self._modules["base_layer"]._parameters["bias"])
 
+    def base_into(self, d: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        d.view(-1, d.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())  # (N, out) += x·W0ᵀ (the GEMM's C)
+        return d
+
 
 class LoraConv1D(LoraLinear):
     """transformers ``Conv1D``: y = x W0 + b with W0 (in, out), so ΔW is stored transposed (Aᵀ Bᵀ)."""
@@ -109,3 +113,7 @@ class LoraConv1D(LoraLinear):
         out_shape = x.shape[:-1] + (weight.shape[1],)
         y = torch.addmm(self.base_layer.bias, x.reshape(-1, x.shape[-1]), weight)  # (N, out)
         return y.view(out_shape)
+
+    def base_into(self, d: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        d.view(-1, d.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight)  # (N, out) += x·W0, W0 (in, out)
+        return d

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import deltaw
-from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, per_row
+from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, kernels, per_row
 from deltaw.layers import native
 from toy_models import EmbeddingNet, tiny_gpt2, tiny_llama
 from toy_models import logits_of as _out
@@ -72,8 +72,17 @@ def built(request):
     return model, x
 
 
+@pytest.fixture(params=["after", "first"])
+def order(request, monkeypatch):
+    """Where the deltas go: added after the base product (the usual order), or written first with the base product
+    added into them (``LayerRows.start``, used from ``kernels.START_MIN_TOKENS`` tokens; forced here)."""
+    if request.param == "first":
+        monkeypatch.setattr(kernels, "START_MIN_TOKENS", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("strategy", FORCED)
-def test_each_row_equals_that_row_alone(built, strategy):
+def test_each_row_equals_that_row_alone(built, strategy, order):
     model, x = built
     expected = _alone(model, x, ROWS)
     # the test means something only if the rows really differ from each other and from the base
@@ -92,7 +101,7 @@ def test_each_row_equals_that_row_alone(built, strategy):
 
 
 @pytest.mark.parametrize("strategy", FORCED)
-def test_strategies_agree_with_reference(built, strategy):
+def test_strategies_agree_with_reference(built, strategy, order):
     model, x = built
     rows = ["c", "c", "b", "b", "a", "a", None, None]  # grouped order: the view-only path of "grouped"
     for spec_rows in (rows, ROWS, ["a", "b", "c", "a", "b", "c", "a", "b"]):
@@ -104,7 +113,7 @@ def test_strategies_agree_with_reference(built, strategy):
 
 
 @pytest.mark.parametrize("rows", [["b"] * 8, [{"a": 0.5, "c": 0.25}] * 8, [None] * 8, ["a"] * 7 + [None]])
-def test_uniform_and_degenerate_batches(built, rows):
+def test_uniform_and_degenerate_batches(built, rows, order):
     model, x = built
     expected = _alone(model, x, rows)
     for strategy in ("auto", "uniform", "dense", "grouped", "rowwise"):
@@ -112,7 +121,7 @@ def test_uniform_and_degenerate_batches(built, rows):
             torch.testing.assert_close(_out(model, x), expected, **TOL)
 
 
-def test_leading_dimension_k_per_row():
+def test_leading_dimension_k_per_row(order):
     """Beam search / num_return_sequences repeat each row k times in place (repeat_interleave)."""
     model = _llama()
     for i, name in enumerate("abc"):
@@ -160,7 +169,7 @@ def test_context_restores_state_on_error_and_nests():
     assert st.rows is None
 
 
-def test_merged_adapters_follow_using_semantics(built):
+def test_merged_adapters_follow_using_semantics(built, order):
     model, x = built
     deltaw.merge(model, {"a": 1.0})
     try:
@@ -173,7 +182,7 @@ def test_merged_adapters_follow_using_semantics(built):
         deltaw.unmerge(model)
 
 
-def test_packs_are_reused_and_invalidated_by_in_place_updates(built):
+def test_packs_are_reused_and_invalidated_by_in_place_updates(built, order):
     model, x = built
     clear_cache()
     rows = ["a", "b", "c", "a", "b", "c", None, "a"]
@@ -435,3 +444,42 @@ def test_layout_constants_are_keyed_on_their_bits():
     assert kernels._const([0.0, 1.0], torch.float32, meta) is pos
     clear_cache()
     assert kernels._device_const.cache_info().currsize == 0
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2])
+def test_prefill_starts_from_the_deltas_and_adds_the_base_product_into_them(build, monkeypatch):
+    """From START_MIN_TOKENS tokens (a prefill), Linear and Conv1D layers on the uniform, rowwise and in-order
+    grouped strategies take that order (``base_into`` runs), and give the rows-alone result; below it, and with
+    autograd on, the usual order."""
+    from deltaw.layers.linear import LoraLinear
+    model = build()
+    for i, name in enumerate("abc"):
+        _randomize(model, name, seed=20 + i)
+    calls = []
+    for cls in {type(layer) for layer in deltaw.state(model).layers.values()}:
+        if "base_into" in cls.__dict__:
+            real = cls.base_into
+            monkeypatch.setattr(cls, "base_into", lambda self, d, x, w, real=real: calls.append(1) or real(self, d, x, w))
+    x = torch.randint(1, 64, (8, 6), generator=torch.Generator().manual_seed(5))
+    cases = [(["a", "b", None, {"a": 0.5, "c": -1.0}] * 2, "rowwise"), (["c"] * 4 + ["b"] * 4, "grouped"),
+             ([{"a": 0.5, "b": 0.25}] * 8, "uniform")]
+    for rows, strategy in cases:
+        expected = _alone(model, x, rows)
+        for threshold, used in ((48, True), (49, False)):  # 8 rows × 6 tokens
+            monkeypatch.setattr(kernels, "START_MIN_TOKENS", threshold)
+            calls.clear()
+            with per_row(model, rows, strategy=strategy), torch.inference_mode():
+                torch.testing.assert_close(_out(model, x), expected, **TOL)
+            assert bool(calls) is used, (strategy, threshold)
+        monkeypatch.setattr(kernels, "START_MIN_TOKENS", 1)
+        calls.clear()
+        with per_row(model, rows, strategy=strategy):  # autograd on: the reference path
+            torch.testing.assert_close(_out(model, x), expected, **TOL)
+        assert not calls
+    assert LoraLinear._base_into_matches()
+
+    class OwnForward(LoraLinear):  # overrides the base product only: an inherited base_into would not match it
+        def base_forward(self, x, weight):
+            return super().base_forward(x, weight) * 2
+
+    assert not OwnForward._base_into_matches()
