@@ -25,7 +25,7 @@ per module:
 
 See ``LayerRows._auto`` for the measurements behind the choice.
 
-Prefill (``START_MIN_TOKENS`` tokens or more, CPU, a Linear or Conv1D base run directly): ``uniform``,
+Prefill (``layers.base.START_MIN_TOKENS`` tokens or more, CPU, a Linear or Conv1D base run directly): ``uniform``,
 ``rowwise`` and in-order ``grouped`` also start the output from the deltas, ``bias + Σ deltas`` written once,
 and the layer then adds its base product into it with one ``addmm_`` (``LayerRows.start``,
 ``LoraLayer.base_into``), where adding the deltas after the base GEMM read and wrote its whole output again.
@@ -64,11 +64,6 @@ _CACHE: weakref.WeakKeyDictionary[LoraLayer, OrderedDict[Hashable, object]] = we
 
 # ``rowwise`` holds B copies of the row factors; above this many bytes per layer it is never chosen by ``auto``.
 ROWWISE_MAX_BYTES = 4 << 20
-
-# Tokens per layer call from which ``start`` (deltas first, the base product added into them) is used: measured
-# on prefill-sized batches only (BERT-base, 8×128 tokens, 4 adapters mixed, paired against the deltas added after
-# the base GEMM, three runs of 20 steps: 1.054 / 1.067 / 1.080× base -> 1.040 / 1.030 / 1.014×).
-START_MIN_TOKENS = 256
 
 
 def clear_cache() -> None:
@@ -214,12 +209,12 @@ class LayerRows:
 
         Why: a prefill's activations are megabytes, and adding the deltas after the base GEMM (``baddbmm_`` /
         ``addmm_`` into y) reads and writes the whole output once more; written first, the deltas are the GEMM's
-        C operand instead (``START_MIN_TOKENS`` says what was measured). Inference only, Linear-style layers, and
-        only the strategies that have such a form (``uniform``, ``rowwise``, ``grouped`` on in-order rows)."""
+        C operand instead (``layers.base.START_MIN_TOKENS``, where the layer decides to ask, says what was
+        measured). Inference only, Linear-style layers, and only the strategies that have such a form
+        (``uniform``, ``rowwise``, ``grouped`` on in-order rows)."""
         if (self.empty or self.kind != "linear" or torch.is_grad_enabled()
                 or (self.needs_dropout and self.layer.training) or x.dim() < 2
-                or (x.shape[0] % self.B and not self.same_for_all)
-                or x.numel() < START_MIN_TOKENS * x.shape[-1]):
+                or (x.shape[0] % self.B and not self.same_for_all)):
             return None
         self._kernel(x)  # chooses (and packs) for this shape, as the first ``__call__`` would
         first = self._starts.get(x.shape)
@@ -405,10 +400,8 @@ class LayerRows:
         def start(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
             if self.kind != "linear" or not _same_dtype(x, bias, bt):
                 return None
-            h = project(x)  # (N, ..., R), fresh
-            if alpha != 1.0:
-                h.mul_(alpha)
-            return _start_out(h.reshape(-1, h.shape[-1]), bt, bias).view(*x.shape[:-1], bt.shape[-1])
+            h = project(x)  # (N, ..., R)
+            return _start_out(h.reshape(-1, h.shape[-1]), bt, bias, alpha).view(*x.shape[:-1], bt.shape[-1])
 
         run.start = start
         return run
@@ -605,11 +598,16 @@ def _same_dtype(x: torch.Tensor, bias: torch.Tensor | None, factor: torch.Tensor
     return x.dtype == factor.dtype and (bias is None or bias.dtype == factor.dtype)
 
 
-def _start_out(h: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """bias + h·Bᵀ into a new tensor: (N, R)·(R, out) or batched (G, M, R)·(G, R, out)."""
+def _start_out(h: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, alpha: float = 1.0) -> torch.Tensor:
+    """bias + alpha · h·Bᵀ into a new tensor: (N, R)·(R, out) or batched (G, M, R)·(G, R, out). alpha scales the
+    product inside the GEMM, as the usual order's ``addmm_(alpha=)`` does (h scaled first could overflow fp16)."""
+    if bias is None:  # (beta = 0: the input is never read)
+        bias, beta = h.new_zeros(()), 0.0
+    else:
+        beta = 1.0
     if h.dim() == 2:
-        return torch.mm(h, bt) if bias is None else torch.addmm(bias, h, bt)  # (N, out)
-    return torch.bmm(h, bt) if bias is None else torch.baddbmm(bias, h, bt)  # (G, M, out)
+        return torch.addmm(bias, h, bt, beta=beta, alpha=alpha)  # (N, out)
+    return torch.baddbmm(bias, h, bt, beta=beta, alpha=alpha)  # (G, M, out)
 
 
 def _add_out(y: torch.Tensor, h: torch.Tensor, bt: torch.Tensor, alpha: float) -> torch.Tensor:

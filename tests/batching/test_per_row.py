@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 import deltaw
-from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, kernels, per_row
+from deltaw.batching import STRATEGIES, MixedHeadsError, clear_cache, per_row
+from deltaw.layers import base as layers_base
 from deltaw.layers import native
 from toy_models import EmbeddingNet, tiny_gpt2, tiny_llama
 from toy_models import logits_of as _out
@@ -75,9 +76,9 @@ def built(request):
 @pytest.fixture(params=["after", "first"])
 def order(request, monkeypatch):
     """Where the deltas go: added after the base product (the usual order), or written first with the base product
-    added into them (``LayerRows.start``, used from ``kernels.START_MIN_TOKENS`` tokens; forced here)."""
+    added into them (``LayerRows.start``, used from ``layers.base.START_MIN_TOKENS`` tokens; forced here)."""
     if request.param == "first":
-        monkeypatch.setattr(kernels, "START_MIN_TOKENS", 1)
+        monkeypatch.setattr(layers_base, "START_MIN_TOKENS", 1)
     return request.param
 
 
@@ -466,12 +467,12 @@ def test_prefill_starts_from_the_deltas_and_adds_the_base_product_into_them(buil
     for rows, strategy in cases:
         expected = _alone(model, x, rows)
         for threshold, used in ((48, True), (49, False)):  # 8 rows × 6 tokens
-            monkeypatch.setattr(kernels, "START_MIN_TOKENS", threshold)
+            monkeypatch.setattr(layers_base, "START_MIN_TOKENS", threshold)
             calls.clear()
             with per_row(model, rows, strategy=strategy), torch.inference_mode():
                 torch.testing.assert_close(_out(model, x), expected, **TOL)
             assert bool(calls) is used, (strategy, threshold)
-        monkeypatch.setattr(kernels, "START_MIN_TOKENS", 1)
+        monkeypatch.setattr(layers_base, "START_MIN_TOKENS", 1)
         calls.clear()
         with per_row(model, rows, strategy=strategy):  # autograd on: the reference path
             torch.testing.assert_close(_out(model, x), expected, **TOL)
@@ -483,3 +484,71 @@ def test_prefill_starts_from_the_deltas_and_adds_the_base_product_into_them(buil
             return super().base_forward(x, weight) * 2
 
     assert not OwnForward._base_into_matches()
+
+
+def _both_orders(model, x, rows, monkeypatch, strategy="auto"):
+    """The output with the deltas added after the base product, then with them written first (forced)."""
+    outs = []
+    for threshold in (1 << 40, 1):
+        monkeypatch.setattr(layers_base, "START_MIN_TOKENS", threshold)
+        with per_row(model, rows, strategy=strategy), torch.inference_mode():
+            outs.append(model(x))
+    return outs
+
+
+def _single(seed: int = 0) -> nn.Module:
+    from toy_models import Single
+    torch.manual_seed(seed)
+    m = Single(nn.Linear(16, 12)).eval()
+    deltaw.attach(m, deltaw.LoraConfig(r=4, alpha=16, target_modules=["layer"]), "a")
+    _randomize(m, "a", seed=seed)
+    return m
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "rowwise", "grouped"])
+def test_prefill_order_under_cpu_autocast(strategy, monkeypatch):
+    """Autocast runs the deltas' matmuls in bf16 while x and W stay fp32: the in-place base GEMM into a bf16 output
+    raised 'self and mat2 must have the same dtype' (from a review); autocast takes the usual order."""
+    model = _single()
+    rows = ["a"] * 4 if strategy == "uniform" else (["a", "a", None, None] if strategy == "grouped"
+                                                      else ["a", None, "a", None])
+    x = torch.randn(4, 5, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after, first = _both_orders(model, x, rows, monkeypatch, strategy)
+    assert first.dtype == after.dtype == torch.bfloat16
+    torch.testing.assert_close(first, after)
+
+
+def test_prefill_order_leaves_weight_subclasses_their_own_linear(monkeypatch):
+    """A weight subclass with its own ``F.linear`` (as quantized weights have) must keep computing the base product:
+    ``addmm_`` on its raw data gave another result (from a review)."""
+    import torch.nn.functional as F
+
+    class HalfScale(nn.Parameter):  # stored at half scale, dequantized by its linear
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is F.linear:
+                bias = args[2] if len(args) > 2 else (kwargs or {}).get("bias")
+                return F.linear(args[0], args[1].as_subclass(torch.Tensor) * 2, bias)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    model = _single()
+    base = model.layer.base_layer
+    base.weight = HalfScale(base.weight.detach() / 2, requires_grad=False)
+    after, first = _both_orders(model, torch.randn(4, 5, 16), ["a", None, "a", None], monkeypatch, "rowwise")
+    torch.testing.assert_close(first, after, **TOL)
+
+
+def test_prefill_order_scales_inside_the_product_in_half_precision(monkeypatch):
+    """The uniform start scaled h before the product: in fp16, h·alpha overflowed (64,000 · 2) where alpha · (h·Bᵀ)
+    is finite, as the usual order's ``addmm_(alpha=)`` computes it (from a review)."""
+    model = _single()
+    a, b = deltaw.adapter_parameters(model, "a")
+    with torch.no_grad():
+        a.fill_(1.0)
+        b.fill_(1e-4)
+    model.half()
+    x = torch.full((4, 5, 16), 1000.0, dtype=torch.float16)  # h = 16,000 per rank; scaling 4, weight 2
+    after, first = _both_orders(model, x, [{"a": 2.0}] * 4, monkeypatch, "uniform")
+    assert torch.isfinite(after).all() and torch.isfinite(first).all()
+    torch.testing.assert_close(first, after, rtol=1e-2, atol=1e-2)
