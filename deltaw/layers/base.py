@@ -179,19 +179,23 @@ def full_precision_products():
                 _Pin.restore = None
 
 
-# Tokens per call from which a layer under ``per_row`` writes the rows' deltas (and bias) first and adds its base
-# product into them (``RowPlan.start``, ``base_into``): where adding them after the base GEMM re-read and re-wrote a
-# prefill's whole output. Measured on prefill-sized batches only (BERT-base, 8×128 tokens, 4 adapters mixed,
-# paired in one process: 1.076 -> 1.055× base; an earlier prototype 1.054 / 1.067 / 1.080 -> 1.040 / 1.030 / 1.014).
+# Tokens per call from which a Linear-style layer writes its deltas (and bias) first and adds its base product into
+# them (``_deltas_first``, ``base_into``; under ``per_row`` via ``RowPlan.start``): adding them after the base GEMM
+# re-read and re-wrote a prefill's whole output. Measured on prefill-sized batches only (BERT-base, 8×128 tokens,
+# 4 adapters mixed, paired in one process: 1.076 -> 1.055× base; an earlier prototype 1.054 / 1.067 / 1.080 ->
+# 1.040 / 1.030 / 1.014).
 START_MIN_TOKENS = 256
 _PLAIN = (torch.Tensor, nn.Parameter)
+_F32 = torch.float32
 
 
 def _plain_operands(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether ``base_into``'s one ``addmm_`` computes what ``base_forward`` would: CPU (where it was measured),
-    plain tensors of one dtype (a weight subclass, e.g. a quantized one, has its own ``F.linear``), and no autocast
-    (it would run the deltas in another dtype than the in-place GEMM)."""
-    return (x.is_cpu and type(x) is torch.Tensor and type(weight) in _PLAIN and x.dtype == weight.dtype
+    """Whether ``base_into``'s one ``addmm_`` computes what ``base_forward`` would, where it was measured: fp32 on
+    the CPU (half precision rounds the two orders differently and was not timed), plain tensors (a weight subclass,
+    e.g. a quantized one, has its own ``F.linear``), and no autocast (it would run the deltas in another dtype than
+    the in-place GEMM)."""
+    return (x.is_cpu and type(x) is torch.Tensor and type(weight) in _PLAIN and x.dtype is _F32
+            and weight.dtype is _F32
             and (bias is None or (type(bias) in _PLAIN and bias.dtype == x.dtype)) and not _autocast_on())
 
 
@@ -376,14 +380,11 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             return base(x) if self._pristine is None else self.pristine_forward(x)
         if self.runs_directly(base):
             weight = base._parameters["weight"]
-            if state.rows is not None and getattr(self, "_into_ok", False) \
-                    and x.numel() >= START_MIN_TOKENS * x.shape[-1]:
-                # A prefill of mixed rows: the deltas (and bias) first, the base product added into them.
-                bias = base._parameters.get("bias")
-                if _plain_operands(x, weight, bias):
-                    d = state.rows.start(self, x, bias)
-                    if d is not None:
-                        return self.base_into(d, x, weight)
+            if getattr(self, "_into_ok", False) and x.numel() >= START_MIN_TOKENS * x.shape[-1]:
+                # A prefill: the deltas (and bias) first, the base product added into them.
+                d = self._deltas_first(state, x, weight, base._parameters.get("bias"))
+                if d is not None:
+                    return self.base_into(d, x, weight)
             y = self.base_forward(x, weight)  # what base(x) runs, minus the call machinery
         else:
             y = base(x)
@@ -406,16 +407,42 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                     y = y + self.lora_out(name, x, y.dtype) * scale
         return y
 
-    # Optional hook, for layers whose ``base_forward`` is one GEMM plus bias (Linear, Conv1D):
+    def _deltas_first(self, state: AdapterState, x: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor | None:
+        """bias + every live delta (or the rows' deltas under ``per_row``) in a new tensor shaped like the output,
+        for ``base_into``; None where the usual order runs (autograd on, dropout in training, another dtype, no
+        live adapter here, ...). Why: see ``START_MIN_TOKENS``."""
+        if not _plain_operands(x, weight, bias):
+            return None
+        if state.rows is not None:
+            return state.rows.start(self, x, bias)
+        if torch.is_grad_enabled():
+            return None
+        a_params, b_params = self._a_params, self._b_params
+        terms = []
+        for name, w in state.live:
+            if name in a_params:
+                scale = w * self.scaling[name]
+                if self.training and self.dropout_p[name] > 0.0 or a_params[name].dtype != x.dtype:
+                    return None
+                if scale != 0.0:  # (as in forward: a weight-0 term adds nothing, NaN factors included)
+                    terms.append((a_params[name], b_params[name], scale))
+        return self.deltas_with_bias(x, bias, terms) if terms else None
+
+    # Optional hooks, for layers whose ``base_forward`` is one GEMM plus bias (Linear, Conv1D):
     #     base_into(d, x, weight) -> d   adds the product of x with ``weight`` into d (the output's shape, the
-    #                                     bias already in it) in place: the GEMM's C operand.
+    #                                     bias already in it) in place: the GEMM's C operand;
+    #     deltas_with_bias(x, bias, terms) -> d   bias + Σ scale · (x Aᵀ) Bᵀ over terms (A, B, scale), a new tensor.
     @classmethod
     def _base_into_matches(cls) -> bool:
-        """True when a class defines ``base_into`` and the same class defines ``base_forward``: a subclass that
-        overrides only ``base_forward`` must not get an inherited ``base_into`` that computes something else."""
+        """True when the hooks above sit in the classes that define what they stand in for: ``base_into`` with
+        ``base_forward``, ``deltas_with_bias`` with ``project_in`` / ``project_out``. A subclass that overrides
+        only ``base_forward`` (or the projections) must not get an inherited hook that computes something else."""
         def owner(name: str) -> type | None:
             return next((k for k in cls.__mro__ if name in k.__dict__), None)
-        return owner("base_into") is not None and owner("base_into") is owner("base_forward")
+        into, deltas = owner("base_into"), owner("deltas_with_bias")
+        return (into is not None and into is owner("base_forward")
+                and deltas is not None and deltas is owner("project_in") and deltas is owner("project_out"))
 
     def pristine_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output with W0 while merged weights are installed (``disabled()``).

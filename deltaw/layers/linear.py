@@ -90,6 +90,19 @@ class LoraLinear(LoraLayer):
         d.view(-1, d.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())  # (N, out) += x·W0ᵀ (the GEMM's C)
         return d
 
+    def deltas_with_bias(self, x: torch.Tensor, bias: torch.Tensor | None,
+                         terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        d = None
+        for a, b, scale in terms:
+            h = F.linear(x2, a)  # (N, r)
+            if d is None:  # the first term writes d (beta = 0: a missing bias is never read)
+                d = torch.addmm(bias if bias is not None else h.new_zeros(()), h, b.t(), beta=1.0 if bias is not None
+                                else 0.0, alpha=scale)  # (N, out)
+            else:
+                d.addmm_(h, b.t(), alpha=scale)
+        return d.view(*x.shape[:-1], d.shape[-1])
+
 
 class LoraConv1D(LoraLinear):
     """transformers ``Conv1D``: y = x W0 + b with W0 (in, out), so ΔW is stored transposed (Aᵀ Bᵀ)."""

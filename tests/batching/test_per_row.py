@@ -541,7 +541,8 @@ def test_prefill_order_leaves_weight_subclasses_their_own_linear(monkeypatch):
 
 def test_prefill_order_scales_inside_the_product_in_half_precision(monkeypatch):
     """The uniform start scaled h before the product: in fp16, h·alpha overflowed (64,000 · 2) where alpha · (h·Bᵀ)
-    is finite, as the usual order's ``addmm_(alpha=)`` computes it (from a review)."""
+    is finite, as the usual order's ``addmm_(alpha=)`` computes it (from a review). Half precision now takes the
+    usual order altogether (``_plain_operands``); this keeps both finite whichever order it takes."""
     model = _single()
     a, b = deltaw.adapter_parameters(model, "a")
     with torch.no_grad():
