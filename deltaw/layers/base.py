@@ -217,6 +217,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
 
     # Embeddings follow PEFT (A zeros, B normal) because a Kaiming A over 50k rows is ~1e-3 and starves B.
     zero_init_a = False
+    # Set per instance in __init__ (class defaults for layers pickled before they existed): the prefill order.
+    _into_ok = False
+    _in_f = 0
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, tied_with: Sequence[str] = ()) -> None:
         super().__init__()
@@ -241,7 +244,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         # A base layer of exactly a type whose forward ``base_forward`` reproduces may be run directly when it
         # has no hooks: nn.Module.__call__ costs more than a decode step's GEMV on 200 modules.
         object.__setattr__(self, "_plain_base", self.is_plain_base(base_layer))
-        object.__setattr__(self, "_into_ok", self._base_into_matches())
+        into_ok = self._base_into_matches()
+        object.__setattr__(self, "_into_ok", into_ok)
+        # in_features for the prefill test in forward (x.shape[-1] costs ~0.1 µs, ~200 times per decoded token)
+        object.__setattr__(self, "_in_f", self.factor_shapes(1)[0][-1] if into_ok else 0)
 
     # The factor dicts, read per call: forward goes through these rather than ``self.lora_A`` because
     # nn.Module.__getattr__ on a submodule costs more than the LoRA matmuls of a decode step. Never cached as
@@ -380,7 +386,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             return base(x) if self._pristine is None else self.pristine_forward(x)
         if self.runs_directly(base):
             weight = base._parameters["weight"]
-            if getattr(self, "_into_ok", False) and x.numel() >= START_MIN_TOKENS * x.shape[-1]:
+            if self._into_ok and x.numel() >= START_MIN_TOKENS * self._in_f:
                 # A prefill: the deltas (and bias) first, the base product added into them.
                 d = self._deltas_first(state, x, weight, base._parameters.get("bias"))
                 if d is not None:
@@ -436,13 +442,14 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     @classmethod
     def _base_into_matches(cls) -> bool:
         """True when the hooks above sit in the classes that define what they stand in for: ``base_into`` with
-        ``base_forward``, ``deltas_with_bias`` with ``project_in`` / ``project_out``. A subclass that overrides
-        only ``base_forward`` (or the projections) must not get an inherited hook that computes something else."""
+        ``base_forward``, ``deltas_with_bias`` with ``project_in`` / ``project_out`` / ``add_lora_`` (the inference
+        path it replaces).
+        A subclass that overrides only one of those must not get an inherited hook that computes something else."""
         def owner(name: str) -> type | None:
             return next((k for k in cls.__mro__ if name in k.__dict__), None)
         into, deltas = owner("base_into"), owner("deltas_with_bias")
-        return (into is not None and into is owner("base_forward")
-                and deltas is not None and deltas is owner("project_in") and deltas is owner("project_out"))
+        return (into is not None and into is owner("base_forward") and deltas is not None
+                and all(deltas is owner(name) for name in ("project_in", "project_out", "add_lora_")))
 
     def pristine_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer's output with W0 while merged weights are installed (``disabled()``).

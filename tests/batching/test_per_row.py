@@ -539,17 +539,17 @@ def test_prefill_order_leaves_weight_subclasses_their_own_linear(monkeypatch):
     torch.testing.assert_close(first, after, **TOL)
 
 
-def test_prefill_order_scales_inside_the_product_in_half_precision(monkeypatch):
-    """The uniform start scaled h before the product: in fp16, h·alpha overflowed (64,000 · 2) where alpha · (h·Bᵀ)
-    is finite, as the usual order's ``addmm_(alpha=)`` computes it (from a review). Half precision now takes the
-    usual order altogether (``_plain_operands``); this keeps both finite whichever order it takes."""
+@pytest.mark.parametrize("strategy", ["uniform", "rowwise", "grouped"])
+def test_prefill_order_scales_inside_the_product(strategy, monkeypatch):
+    """The uniform start scaled h before the product: h·alpha overflowed (2.4e38 · 8) where alpha · (h·Bᵀ) is finite,
+    as the usual order's ``addmm_(alpha=)`` computes it (from a review, in fp16 first; fp32 shown here, since half
+    precision now takes the usual order)."""
     model = _single()
     a, b = deltaw.adapter_parameters(model, "a")
     with torch.no_grad():
         a.fill_(1.0)
         b.fill_(1e-4)
-    model.half()
-    x = torch.full((4, 5, 16), 1000.0, dtype=torch.float16)  # h = 16,000 per rank; scaling 4, weight 2
-    after, first = _both_orders(model, x, [{"a": 2.0}] * 4, monkeypatch, "uniform")
+    x = torch.full((4, 5, 16), 1.5e37)  # h = 2.4e38 per rank; scaling 4, weight 2
+    after, first = _both_orders(model, x, [{"a": 2.0}] * 4, monkeypatch, strategy)
     assert torch.isfinite(after).all() and torch.isfinite(first).all()
-    torch.testing.assert_close(first, after, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(first, after)

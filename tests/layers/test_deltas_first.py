@@ -89,5 +89,24 @@ def test_a_subclass_with_its_own_projection_does_not_inherit_the_order():
         def base_forward(self, x, weight):
             return super().base_forward(x, weight) * 2
 
+    class OwnAddLora(LoraLinear):  # the inference path's hook (a review: its clamp was skipped from 256 tokens)
+        def add_lora_(self, y, x, name, scale):
+            return super().add_lora_(y, x, name, scale).clamp_(-1, 1)
+
     assert LoraLinear._base_into_matches() and LoraConv1D._base_into_matches()
-    assert not OwnProjection._base_into_matches() and not OwnBaseForward._base_into_matches()
+    assert not any(c._base_into_matches() for c in (OwnProjection, OwnBaseForward, OwnAddLora))
+
+
+def test_deltas_first_scales_inside_the_product(monkeypatch):
+    """alpha · (h·Bᵀ), as ``addmm_(alpha=)`` in the usual order: h·alpha first would overflow (2.4e38 · 8)."""
+    model = Single(nn.Linear(16, 12)).eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=16, target_modules=["layer"]), "a")
+    a, b = deltaw.adapter_parameters(model, "a")
+    with torch.no_grad():
+        a.fill_(1.0)
+        b.fill_(1e-4)
+    deltaw.activate(model, {"a": 2.0})
+    calls = _spy(monkeypatch)
+    after, first = _both(model, torch.full((4, 5, 16), 1.5e37), monkeypatch)
+    assert calls and torch.isfinite(after).all() and torch.isfinite(first).all()
+    torch.testing.assert_close(first, after)
