@@ -16,7 +16,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .errors import AdapterNameError, MergeError, NonFiniteError, RowsOpenError, TargetError
 from .layers import LoraLayer, ModulesToSave, layer_class_for
-from .layers.base import full_precision_products
+from .layers.base import FinitenessChecks, full_precision_products
 from .layers.linear import LoraConv1D, LoraLinear
 from .registry import AdapterInfo, AdapterState, Weighted, check_name
 
@@ -469,6 +469,7 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
     carried = {n for n, _ in target}
     rewritten: list[str] = []
     new_weights: dict[str, torch.Tensor | None] = {}
+    checks = FinitenessChecks()  # one device-to-host read for all layers' verdicts (a GPU waits on each .item())
     try:
         with full_precision_products():  # pinned once for all layers (each layer's merge nests in it cheaply)
             for path in touched:
@@ -476,9 +477,10 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
                 # In place only where the weight there can be recomputed exactly if this merge is refused.
                 if carried & layer._a_params.keys() and layer.rewritable(st.merged):
                     rewritten.append(path)
-                    layer.merged_weight(target, out=layer.base_layer.weight.data)
+                    layer.merged_weight(target, out=layer.base_layer.weight.data, checks=checks)
                 else:
-                    new_weights[path] = layer.merged_weight(target, out=layer.spare())
+                    new_weights[path] = layer.merged_weight(target, out=layer.spare(), checks=checks)
+            checks.settle()
     except BaseException:
         for path in rewritten:
             st.layers[path].merged_weight(st.merged, out=st.layers[path].base_layer.weight.data)

@@ -82,17 +82,44 @@ def _ones(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def _all_finite(t: torch.Tensor) -> bool:
     """True iff every entry of ``t`` is finite. A NaN/inf entry makes the sum NaN/inf, so one reduction settles
     the usual all-finite case; a non-finite sum (or finite entries whose sum overflowed) goes to the exact
-    per-entry test. fp32/fp64 sum directly (run right after the merge wrote ``t``: +10 ms over the 135M
-    model's 210 weights, against +25 ms for a row-sum GEMV); half precision, whose sum kernel is ~6x slower,
-    sums rows with one GEMV against ones (t·1) and those sums in fp32."""
+    per-entry test."""
+    return math.isfinite(_finiteness_sum(t).item()) or bool(torch.isfinite(t).all())
+
+
+def _finiteness_sum(t: torch.Tensor) -> torch.Tensor:
+    """A 0-dim sum of ``t`` on its device, NaN/inf when an entry is. fp32/fp64 sum directly (run right after the
+    merge wrote ``t``: +10 ms over the 135M model's 210 weights, against +25 ms for a row-sum GEMV); half
+    precision, whose sum kernel is ~6x slower, sums rows with one GEMV against ones (t·1) and those sums in fp32."""
     if t.dtype in (torch.float32, torch.float64):
-        total = t.sum()
-    elif t.is_floating_point() and t.dim() >= 2 and t.is_contiguous():
+        return t.sum()
+    if t.is_floating_point() and t.dim() >= 2 and t.is_contiguous():
         rows = t.view(t.shape[0], -1)  # (out, in·…)
-        total = torch.mv(rows, _ones(rows.shape[1], t.dtype, t.device)).sum(dtype=torch.float32)  # (out,) -> ()
-    else:
-        total = t.sum(dtype=torch.float32)
-    return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
+        return torch.mv(rows, _ones(rows.shape[1], t.dtype, t.device)).sum(dtype=torch.float32)  # (out,) -> ()
+    return t.sum(dtype=torch.float32)
+
+
+class FinitenessChecks:
+    """The finiteness verdicts of one merge's layers, settled together: ``.item()`` per layer made a GPU wait for
+    its queue 210 times per merge of the 135M model; here the sums stay on the device and one copy reads them all.
+    ``settle`` raises the first failing layer's NonFiniteError (in the order the layers were added), after which
+    the caller rolls back as for an error raised in the layer itself."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[LoraLayer, list[tuple[str, float]], torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def add(self, layer: LoraLayer, mine: list[tuple[str, float]], w0: torch.Tensor, result: torch.Tensor) -> None:
+        self._items.append((layer, mine, w0, result, _finiteness_sum(result)))
+
+    def settle(self) -> None:
+        if not self._items:
+            return
+        # (fp32: MPS has no fp64; an fp64 sum beyond fp32 range only sends its layer to the exact test below)
+        sums = torch.stack([s.to(device=self._items[0][4].device, dtype=torch.float32) for *_, s in self._items])
+        ok = torch.isfinite(sums).tolist()  # the one device-to-host read
+        for (layer, mine, w0, result, _), good in zip(self._items, ok):
+            if not good and not bool(torch.isfinite(result).all()):  # (finite entries whose sum overflowed pass)
+                raise layer.nonfinite_error(mine, w0)
+        self._items.clear()
 
 
 def _use_count(t: torch.Tensor) -> int | None:
@@ -489,13 +516,15 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def merged(self) -> bool:
         return self._pristine is not None
 
-    def merged_weight(self, merged: Sequence[tuple[str, float]],
-                      out: torch.Tensor | None = None) -> torch.Tensor | None:
+    def merged_weight(self, merged: Sequence[tuple[str, float]], out: torch.Tensor | None = None,
+                      checks: FinitenessChecks | None = None) -> torch.Tensor | None:
         """W0 + Σ w·s·ΔW for the adapters in ``merged`` this layer carries; None when it carries none.
 
         ``out`` (W0's shape and dtype) receives the result instead of a new tensor: re-merging into the weight
-        already installed costs no allocation. Raises NonFiniteError if the result is not finite; without
-        ``out`` nothing changed, with ``out`` (fp32) it holds the rejected values and the caller restores it."""
+        already installed costs no allocation. Raises NonFiniteError if the result is not finite -- or, given
+        ``checks``, leaves that verdict to ``checks.settle()`` where it is not already known (the fused CPU kernel
+        knows it); without ``out`` nothing changed, with ``out`` it holds the rejected values and the caller
+        restores it."""
         mine = [(n, w) for n, w in merged if n in self._a_params]
         if not mine:
             return None
@@ -542,12 +571,20 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                 new = new.to(w0.dtype)
         # Scanned every time (or by the fused kernel as it wrote): nothing about W0 can be remembered safely
         # between merges (a write through ``weight.data`` does not even bump the parameter's version counter).
+        if finite is None and checks is not None:
+            result = new if out is None or new is out else out.copy_(new)
+            checks.add(self, mine, w0, result)
+            return result
         if not (finite if finite is not None else _all_finite(new)):
-            bad = [n for n, _ in mine
-                   if not (torch.isfinite(self._a_params[n]).all() and torch.isfinite(self._b_params[n]).all())]
-            why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
-            raise NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
+            raise self.nonfinite_error(mine, w0)
         return new if out is None or new is out else out.copy_(new)
+
+    def nonfinite_error(self, mine: Sequence[tuple[str, float]], w0: torch.Tensor) -> NonFiniteError:
+        """The error for a merge of ``mine`` whose result is not finite: which adapters hold NaN/inf, if any."""
+        bad = [n for n, _ in mine
+               if not (torch.isfinite(self._a_params[n]).all() and torch.isfinite(self._b_params[n]).all())]
+        why = f"adapter(s) {bad} hold NaN/inf" if bad else "the merged weight overflows its dtype"
+        return NonFiniteError(f"refusing to merge: {why} (weight {tuple(w0.shape)}, {w0.dtype})")
 
     def merge_stamp(self, merged: Sequence[tuple[str, float]]) -> tuple:
         """What ``merged_weight(merged)`` depends on besides W0: which factors (serial), their memory and

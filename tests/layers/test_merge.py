@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import deltaw
+from deltaw.layers import native
 from toy_models import randomize, tiny_gpt2, tiny_llama
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -250,7 +251,18 @@ def _a_merged_and_b_infinite_in_its_last_layer():
     return model, before
 
 
-def test_failed_merge_over_merged_weights_restores_them():
+@pytest.fixture(params=["kernel", "torch"])
+def merge_path(request, monkeypatch):
+    """The fused CPU kernel (it knows each layer's finiteness as it writes), or the torch path, whose verdicts are
+    settled once for all layers after them (``FinitenessChecks``: one device-to-host read per merge)."""
+    if request.param == "torch":
+        monkeypatch.setenv("DELTAW_NATIVE", "0")
+        monkeypatch.setattr(native, "_tried", False)
+        monkeypatch.setattr(native, "_lib", None)
+    return request.param
+
+
+def test_failed_merge_over_merged_weights_restores_them(merge_path):
     """A NaN found halfway through re-merging in place: the layers already rewritten get their previous
     merged values back (the NaN layer is the last one, so every other layer was rewritten first)."""
     model, before = _a_merged_and_b_infinite_in_its_last_layer()
@@ -266,7 +278,7 @@ def test_failed_merge_over_merged_weights_restores_them():
         assert deltaw.merged(model) == (("a", 1.0),)
 
 
-def test_refused_merge_restores_weights_even_after_a_merged_adapter_was_edited():
+def test_refused_merge_restores_weights_even_after_a_merged_adapter_was_edited(merge_path):
     """The rollback of a refused in-place re-merge recomputed the rewritten layers from the factors as they
     are now: after an edit to the merged adapter it installed a weight nobody had merged (and a NaN written
     there made the rollback itself fail, leaving rejected values in place)."""
@@ -458,3 +470,30 @@ def test_kept_memory_is_not_written_while_something_else_still_uses_it():
     deltaw.merge(model, "a")
     assert _base_ptrs(model) == merged_b
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+
+
+def test_a_merge_reads_its_layers_finiteness_verdicts_once(monkeypatch):
+    """On the torch path (every device but the fused CPU kernel's case) each layer's verdict was an ``.item()``: on
+    a GPU one wait for the queue per layer (210 for the 135M model). The sums now stay on the device and one read
+    settles them all; a non-finite layer still raises the same error and changes nothing."""
+    monkeypatch.setenv("DELTAW_NATIVE", "0")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    model = tiny_llama().eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=8, target_modules="all-linear"), "a")
+    randomize(model, "a")
+    reads = {"item": 0, "tolist": 0}
+    for name in reads:
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, real=real, name=name: reads.__setitem__(
+            name, reads[name] + 1) or real(self))
+    deltaw.merge(model, "a")
+    assert len(deltaw.state(model).layers) > 10 and reads == {"item": 0, "tolist": 1}
+    deltaw.unmerge(model)
+    layers = deltaw.state(model).layers
+    with torch.no_grad():
+        layers[sorted(layers)[3]].lora_B["a"][0, 0] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(deltaw.NonFiniteError, match=r"adapter\(s\) \['a'\] hold NaN/inf"):
+        deltaw.merge(model, "a")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and not deltaw.merged(model)
