@@ -482,8 +482,20 @@ def _apply_merged(st: AdapterState, target: Weighted, keep_memory: bool = True) 
                     new_weights[path] = layer.merged_weight(target, out=layer.spare(), checks=checks)
             checks.settle()
     except BaseException:
+        # The refused results go first (the rollback's fp32 working copies need the room, and a kept exception
+        # must not keep them alive); then every rewritten layer is restored, even if one of them fails. The error
+        # raised is the first one met: a layer refused outright (tied weights, meta, ...) may be reported instead
+        # of another layer's non-finite result, whose verdict was still to be read -- nothing changes either way.
+        new_weights.clear()
+        checks.clear()
+        failed: BaseException | None = None
         for path in rewritten:
-            st.layers[path].merged_weight(st.merged, out=st.layers[path].base_layer.weight.data)
+            try:
+                st.layers[path].merged_weight(st.merged, out=st.layers[path].base_layer.weight.data)
+            except BaseException as exc:  # (raised after the others were restored; the refusal is its context)
+                failed = failed or exc
+        if failed is not None:
+            raise failed
         raise
     for path, weight in new_weights.items():
         st.layers[path].set_merged(weight, keep_memory)

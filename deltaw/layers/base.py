@@ -111,15 +111,21 @@ class FinitenessChecks:
         self._items.append((layer, mine, w0, result, _finiteness_sum(result)))
 
     def settle(self) -> None:
-        if not self._items:
+        items, self._items = self._items, []  # (nothing held once settled, raised or not)
+        if not items:
             return
         # (fp32: MPS has no fp64; an fp64 sum beyond fp32 range only sends its layer to the exact test below)
-        sums = torch.stack([s.to(device=self._items[0][4].device, dtype=torch.float32) for *_, s in self._items])
+        sums = torch.stack([s.to(device=items[0][4].device, dtype=torch.float32) for *_, s in items])
         ok = torch.isfinite(sums).tolist()  # the one device-to-host read
-        for (layer, mine, w0, result, _), good in zip(self._items, ok):
-            if not good and not bool(torch.isfinite(result).all()):  # (finite entries whose sum overflowed pass)
-                raise layer.nonfinite_error(mine, w0)
-        self._items.clear()
+        # (finite entries whose sum overflowed pass the exact test)
+        bad = next((i for i, good in enumerate(ok) if not good and not bool(torch.isfinite(items[i][3]).all())), None)
+        error = None if bad is None else items[bad][0].nonfinite_error(items[bad][1], items[bad][2])
+        items.clear()  # (a raised error's traceback keeps this frame: it must not keep the results)
+        if error is not None:
+            raise error
+
+    def clear(self) -> None:
+        self._items = []
 
 
 def _use_count(t: torch.Tensor) -> int | None:

@@ -497,3 +497,47 @@ def test_a_merge_reads_its_layers_finiteness_verdicts_once(monkeypatch):
     with pytest.raises(deltaw.NonFiniteError, match=r"adapter\(s\) \['a'\] hold NaN/inf"):
         deltaw.merge(model, "a")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items()) and not deltaw.merged(model)
+
+
+def test_a_refused_merge_frees_its_results_and_restores_every_layer_even_if_one_restore_fails(monkeypatch):
+    """From a review of the settled verdicts: (1) the refused results stayed referenced (by the merge's frame,
+    which a kept exception holds) while the rollback ran and afterwards; (2) a rewritten layer whose restore
+    raised left the others unrestored."""
+    import gc
+    import weakref
+
+    from deltaw.layers.base import FinitenessChecks
+    monkeypatch.setenv("DELTAW_NATIVE", "0")  # the torch path: verdicts settled after all layers
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    model, _ = _a_merged_and_b_infinite_in_its_last_layer()
+    deltaw.unmerge(model, keep_memory=False)  # nothing merged, no kept memory: every result is a new tensor
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    results = []
+    real_add = FinitenessChecks.add
+    monkeypatch.setattr(FinitenessChecks, "add", lambda self, layer, mine, w0, result: results.append(
+        weakref.ref(result)) or real_add(self, layer, mine, w0, result))
+    with pytest.raises(deltaw.NonFiniteError) as kept:  # (kept: the traceback holds the merge's frame)
+        deltaw.merge(model, "b")
+    gc.collect()
+    assert len(results) > 2 and all(r() is None for r in results) and kept.value is not None
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in before.items())
+    deltaw.merge(model, "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a restore that fails: the other rewritten layers are still restored, and that failure is raised
+    layers = deltaw.state(model).layers
+    first = sorted(layers)[0]
+    real_merged_weight = type(layers[first]).merged_weight
+
+    def flaky(self, merged, out=None, checks=None):
+        if checks is None and self is layers[first]:  # only the rollback calls it without checks
+            raise MemoryError("no room for the restore")
+        return real_merged_weight(self, merged, out=out, checks=checks)
+
+    monkeypatch.setattr(type(layers[first]), "merged_weight", flaky)
+    with pytest.raises(MemoryError) as failed:
+        deltaw.merge(model, {"a": 1.0, "b": 1.0})
+    assert isinstance(failed.value.__context__, deltaw.NonFiniteError)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], before[k]) for k in before if not k.startswith(first + "."))
