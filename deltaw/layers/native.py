@@ -331,7 +331,8 @@ def _gemv_threads() -> int:
 
 
 def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> bool:
-    """y += scale · (x Aᵀ) Bᵀ in place, on the calling thread, for a few tokens: A (r, in), B (out, r),
+    """y += scale · (x Aᵀ) Bᵀ in place for a few tokens (on the calling thread; from 8 tokens, in the OpenMP build,
+    split over torch's threads with the same bits): A (r, in), B (out, r),
     x (..., in), y (..., out) with the same n = y.numel() / out ≤ MAX_TOKENS leading rows. The decode step of a
     Linear layer, where two torch GEMMs of these skinny shapes (or ``mv`` + ``addmv_`` for one token) cost more
     than reading the factors takes. Each token's result is the same whatever n (the kernel's per-row arithmetic
