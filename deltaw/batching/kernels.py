@@ -211,7 +211,8 @@ class LayerRows:
         ``addmm_`` into y) reads and writes the whole output once more; written first, the deltas are the GEMM's
         C operand instead (``layers.base.START_MIN_TOKENS``, where the layer decides to ask, says what was
         measured). Inference only, Linear-style layers, and only the strategies that have such a form
-        (``uniform``, ``rowwise``, ``grouped`` on in-order rows)."""
+        (``uniform``, ``rowwise``, ``grouped`` on in-order rows). The layer has checked x, the weight and the bias
+        (``layers.base._plain_operands``: fp32 plain tensors); each start checks the packed factors' dtype."""
         if (self.empty or self.kind != "linear" or torch.is_grad_enabled()
                 or (self.needs_dropout and self.layer.training) or x.dim() < 2
                 or (x.shape[0] % self.B and not self.same_for_all)):
@@ -398,7 +399,7 @@ class LayerRows:
             return _add_out(y, h, bt, alpha)
 
         def start(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-            if self.kind != "linear" or not _same_dtype(x, bias, bt):
+            if x.dtype != bt.dtype:
                 return None
             h = project(x)  # (N, ..., R)
             return _start_out(h.reshape(-1, h.shape[-1]), bt, bias, alpha).view(*x.shape[:-1], bt.shape[-1])
@@ -501,7 +502,7 @@ class LayerRows:
                 return y + torch.bmm(h, b_st).view(y.shape).to(y.dtype)
 
             def start_views(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-                if not _same_dtype(x, bias, a_st):
+                if x.dtype != a_st.dtype:
                     return None
                 h = torch.bmm(x.reshape(G, -1, x.shape[-1]), a_st)  # (G, n·k·T, Rmax)
                 return _start_out(h, b_st, bias).view(*x.shape[:-1], b_st.shape[-1])
@@ -559,7 +560,7 @@ class LayerRows:
             return y + torch.bmm(h, b_row).view(y.shape).to(y.dtype)
 
         def start(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-            if not _same_dtype(x, bias, a_row):
+            if x.dtype != a_row.dtype:
                 return None
             h = torch.bmm(x.reshape(B, -1, x.shape[-1]), a_row)  # (B, k·T, Rmax)
             return _start_out(h, b_row, bias).view(*x.shape[:-1], b_row.shape[-1])
@@ -591,11 +592,6 @@ class _Lookup:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lookup(ids, self.table)  # (...,) -> (..., R)
-
-
-def _same_dtype(x: torch.Tensor, bias: torch.Tensor | None, factor: torch.Tensor) -> bool:
-    """``start`` writes the output in the factors' dtype: the input and the bias must have it too."""
-    return x.dtype == factor.dtype and (bias is None or bias.dtype == factor.dtype)
 
 
 def _start_out(h: torch.Tensor, bt: torch.Tensor, bias: torch.Tensor | None, alpha: float = 1.0) -> torch.Tensor:
