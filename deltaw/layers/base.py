@@ -253,6 +253,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     # Set per instance in __init__ (class defaults for layers pickled before they existed): the prefill order.
     _into_ok = False
     _in_f = 0
+    # A subclass's decode plan (``LoraLinear``): derived from ``state.live`` and the factors, checked on every
+    # use, and dropped wherever the factors may go away (delete) or move (``_apply``), so it never keeps a
+    # deleted adapter's memory alive.
+    _decode = None
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, tied_with: Sequence[str] = ()) -> None:
         super().__init__()
@@ -388,6 +392,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         self.serial[name] = next(_SERIALS)
 
     def delete_adapter(self, name: str) -> None:
+        object.__setattr__(self, "_decode", None)
         _drop(self._modules["lora_A"], name)
         _drop(self._modules["lora_B"], name)
         del self.scaling[name]
@@ -427,6 +432,10 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
             y = self.base_forward(x, weight)  # what base(x) runs, minus the call machinery
         else:
             y = base(x)
+        return self.add_live(state, x, y)
+
+    def add_live(self, state: AdapterState, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y (the base output for x) plus the live adapters' deltas, or the rows' ones under ``per_row``."""
         if state.rows is not None:
             return state.rows.apply(self, x, y)
         live = state.live
@@ -662,11 +671,13 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         """Pickling / deepcopy leave out the kept merge memory (a cache, rebuilt by the next unmerge)."""
         state = self.__dict__.copy()
         state["_spare"] = None
+        state.pop("_decode", None)
         return state
 
     def _apply(self, fn, recurse=True):  # keep the pristine copy on the same device/dtype as the module
         result = super()._apply(fn, recurse)
         object.__setattr__(self, "_spare", None)
+        object.__setattr__(self, "_decode", None)
         if self._pristine is not None:
             object.__setattr__(self, "_pristine", fn(self._pristine))
         return result

@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import AdapterState
+from . import base as layers_base
 from . import native
-from .base import LoraLayer
+from .base import LoraLayer, _global_hooks
+
+_F32 = torch.float32
+_TENSOR = torch.Tensor
+_PARAMETER = nn.Parameter
+_SPLIT_TOKENS = native.SPLIT_TOKENS
+_is_tracing = native._is_tracing
+
+
+class _DecodePlan(NamedTuple):
+    """What a decode step of one layer needs from its live adapters, checked once per activation: see
+    ``LoraLinear.forward``. ``terms``: (name, weight, A, B, A's and B's data pointers, r) per live adapter on this
+    layer, in ``state.live`` order; empty where the plan does not apply (a factor that is not a plain contiguous
+    fp32 CPU Parameter, a rank above the kernel's, no kernel here, a subclass with its own update)."""
+    live: tuple  # the ``state.live`` it was built for: compared by identity (a new tuple on every change)
+    terms: tuple[tuple[str, float, nn.Parameter, nn.Parameter, int, int, int], ...]
+    max_x: int  # x.numel() up to which a call is a decode step (native.MAX_TOKENS tokens)
+    in_f: int
+    out_f: int
+    dropout: bool  # some term has dropout: training mode takes the general path
+    gemv: Callable[..., int] | None
+    a_params: dict[str, nn.Parameter]  # the factor dicts the terms were found in (checked per call)
+    b_params: dict[str, nn.Parameter]
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -66,6 +91,84 @@ class LoraLinear(LoraLayer):
 
     def _delta_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return b, a  # ΔW = B·A (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """A decode step (up to ``native.MAX_TOKENS`` tokens, inference, fp32 CPU) reads only what it must: the
+        plan checks the factors once per activation, so a call checks x, whether each factor is still the one
+        planned (the same Parameter in its dict, at the same data pointer: a replaced parameter or ``.data``
+        shows), and runs the kernel per live adapter, with ``add_lora_``'s arithmetic, in its order.
+        Why: a decode step runs this ~200 times per token, each right after a GEMV that streamed MBs of weight
+        through the caches, so each object it touches is a cache miss: the general path cost ~3 % of a B = 1
+        step of the 135M shape more than this one.
+        Anything else (training, prefill, per_row, merged weights, disabled, hooks, autocast, other dtypes or
+        devices, tracing, tensor subclasses) takes ``LoraLayer.forward``."""
+        if type(x) is not _TENSOR or torch.is_grad_enabled():  # (export and compile trace with FakeTensors)
+            return super().forward(x)
+        state: AdapterState = self._state
+        plan = self._decode
+        if plan is None or plan[0] is not state.live:
+            plan = self._plan_decode(state)
+        _, terms, max_x, in_f, out_f, dropout, gemv, a_params, b_params = plan
+        if (terms and 0 < (nx := x.numel()) <= max_x and nx < layers_base.START_MIN_TOKENS * in_f
+                and state.rows is None and not state._disabled_depth and not (dropout and self.training)):
+            base = self._modules["base_layer"]
+            # (runs_directly, inlined: a method call is one more cache miss per module)
+            if self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                                         or base._backward_pre_hooks or "forward" in base.__dict__
+                                         or _global_hooks()):
+                y = self.base_forward(x, base._parameters["weight"])
+                if (y.dtype is _F32 and x.dtype is _F32 and x.is_cpu and x.is_contiguous() and y.is_contiguous()
+                        and not _is_tracing()):
+                    for name, _, a, b, pa, pb, _ in terms:
+                        if (a_params.get(name) is not a or b_params.get(name) is not b or a.data_ptr() != pa
+                                or b.data_ptr() != pb):  # replaced since planned: plan again on the next call
+                            object.__setattr__(self, "_decode", None)
+                            return self.add_live(state, x, y)
+                    try:
+                        py, px = y.data_ptr(), x.data_ptr()
+                    except RuntimeError:  # (functorch's vmap wrappers have no storage)
+                        return self.add_live(state, x, y)
+                    n = nx // in_f  # (x contiguous, its last dim in_f: the base forward took it)
+                    threads = native._gemv_threads() if n >= _SPLIT_TOKENS else 1
+                    scaling = self.scaling
+                    for name, weight, _, _, pa, pb, r in terms:
+                        scale = weight * scaling[name]
+                        # (a weight-0 term adds nothing, NaN factors included, as in add_live)
+                        if scale != 0.0 and gemv(py, px, pa, pb, n, r, in_f, out_f, scale, threads) != 0:
+                            LoraLayer.add_lora_(self, y, x, name, scale)  # the kernel declined (no memory)
+                    return y
+                return self.add_live(state, x, y)  # (autocast, another dtype or device, a non-contiguous x)
+        return super().forward(x)
+
+    def _plan_decode(self, state: AdapterState) -> _DecodePlan:
+        """The decode plan for ``state.live`` (kept on the layer until the next change of it)."""
+        in_f, out_f = self._features()
+        a_params, b_params = self._a_params, self._b_params
+        terms = []
+        for name, weight in state.live:
+            a, b = a_params.get(name), b_params.get(name)
+            if a is None:
+                continue
+            r = a.shape[0]
+            if not (type(a) is _PARAMETER and type(b) is _PARAMETER and a.dtype is _F32 and b.dtype is _F32
+                    and a.is_cpu and b.is_cpu and a.is_contiguous() and b.is_contiguous()
+                    and tuple(a.shape) == (r, in_f) and tuple(b.shape) == (out_f, r) and 0 < r <= native.MAX_RANK):
+                terms = []
+                break
+            terms.append((name, weight, a, b, a.data_ptr(), b.data_ptr(), r))
+        # (the library only once the factors are known to be CPU ones: a CUDA model never compiles it)
+        gemv = native.gemv_function() if terms and self._decode_applies() else None
+        if gemv is None:
+            terms = []
+        plan = _DecodePlan(state.live, tuple(terms), native.MAX_TOKENS * in_f, in_f, out_f,
+                           any(self.dropout_p[t[0]] > 0.0 for t in terms), gemv, a_params, b_params)
+        object.__setattr__(self, "_decode", plan)
+        return plan
+
+    @classmethod
+    def _decode_applies(cls) -> bool:
+        """The plan stands in for ``add_live`` + ``add_lora_`` (LoraLinear's): not for a subclass of its own."""
+        return all(getattr(cls, n) is getattr(LoraLinear, n) for n in ("add_live", "add_lora_"))
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
         a, b = self._a_params[name], self._b_params[name]

@@ -34,7 +34,7 @@ import sys
 import subprocess
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -322,6 +322,18 @@ def _pointers(y: torch.Tensor, x: torch.Tensor) -> tuple[int, int] | None:
     if py < px + x.numel() * x.element_size() and px < py + y.numel() * y.element_size():
         return None
     return py, px
+
+
+#: DW_GEMV_SPLIT_TOKENS in the C file: below this many tokens the update runs on the calling thread whatever
+#: thread count it is given, so a caller may skip asking torch for it.
+SPLIT_TOKENS = 8
+
+
+def gemv_function() -> Callable[..., int] | None:
+    """The kernel's ``dw_lora_gemv_f32`` for callers that check their operands themselves (``LoraLinear``'s
+    decode plan), or None where it cannot run. Arguments: y, x, A, B pointers, n, r, in, out, scale, threads."""
+    lib = _lib if _tried else kernel()
+    return None if lib is None else lib.dw_lora_gemv_f32
 
 
 def _gemv_threads() -> int:

@@ -688,17 +688,19 @@ def test_decode_through_the_kernel_equals_the_torch_path(monkeypatch: pytest.Mon
             p.normal_()
     x = torch.randn(batch, 1, 40)
     calls = []
-    real = native.lora_gemv_
+    real = native.gemv_function()
 
-    def counting(*args) -> bool:
+    def counting(*args) -> int:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(native, "lora_gemv_", counting)
+    monkeypatch.setattr(native, "gemv_function", lambda: counting)  # (the decode plan's kernel)
     with torch.no_grad():
         got = model(x)
     assert calls, "the one-token path did not reach the kernel"
+    monkeypatch.setattr(native, "gemv_function", lambda: None)
     monkeypatch.setattr(native, "lora_gemv_", _declined)
+    object.__setattr__(model.layer, "_decode", None)
     with torch.no_grad():
         expected = model(x)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,268 @@
+"""``LoraLinear``'s decode plan: a decode step (a few tokens, inference, fp32 CPU) runs the kernel on factors checked
+once per activation. It must give the general path's bits, step aside wherever that path would do something else,
+and follow every change of the factors, the scaling and the active set."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import pickle
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import deltaw
+from deltaw.batching import per_row
+from deltaw.layers import native
+from deltaw.layers.linear import LoraLinear
+from toy_models import CASES, Single, logits_of, randomize
+
+needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="no C compiler / AVX2+FMA here: torch path only")
+LINEAR_CASES = [c for c in CASES if c.name in ("mlp", "gpt2_conv1d", "llama", "bert")]
+
+
+def _replan(model: nn.Module) -> None:
+    for layer in deltaw.state(model).layers.values():
+        object.__setattr__(layer, "_decode", None)
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch, model: nn.Module) -> list[int]:
+    """Count the plan's kernel calls (plans made from now on call through the counter)."""
+    calls: list[int] = []
+    real = native.gemv_function()
+
+    def counting(*args) -> int:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(native, "gemv_function", lambda: counting)
+    _replan(model)
+    return calls
+
+
+def _general(model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch, grad: bool = False) -> torch.Tensor:
+    """The output through ``LoraLayer.forward`` (no plan), plans restored afterwards."""
+    with monkeypatch.context() as m:
+        m.setattr(native, "gemv_function", lambda: None)
+        _replan(model)
+        with torch.set_grad_enabled(grad):
+            out = logits_of(model, x)
+    _replan(model)
+    return out
+
+
+def _single(rank: int = 4, bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    model = Single(nn.Linear(16, 12, bias=bias)).eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=rank, alpha=2 * rank, target_modules=["layer"]), "a")
+    randomize(model, "a")
+    deltaw.activate(model, "a")
+    return model
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", LINEAR_CASES, ids=[c.name for c in LINEAR_CASES])
+def test_plan_gives_the_general_paths_bits(case, monkeypatch):
+    """Linear and Conv1D layers, adapters of two ranks in a weighted stack whose weight-0 member holds NaN (it must
+    add nothing): the planned decode step is the general path's, bit for bit."""
+    model = case.build()
+    deltaw.attach(model, case.config, "a")
+    deltaw.attach(model, dataclasses.replace(case.config, r=case.config.r * 2), "b")
+    deltaw.attach(model, case.config, "z")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(model, "z"):
+            p.fill_(float("nan"))
+    x = case.input()
+    for active in ("a", {"a": 1.0, "b": -0.5, "z": 0.0}):
+        deltaw.activate(model, active)
+        calls = _spy(monkeypatch, model)
+        with torch.no_grad():
+            got = logits_of(model, x)
+        assert calls, f"{case.name}: the decode step did not take the plan"
+        assert torch.equal(got, _general(model, x, monkeypatch)), case.name
+
+
+@needs_kernel
+@pytest.mark.parametrize("tokens", [1, 3, native.SPLIT_TOKENS, native.MAX_TOKENS])
+def test_plan_takes_every_decode_size_with_the_same_bits(tokens, monkeypatch):
+    """From SPLIT_TOKENS tokens the kernel may split over torch's threads: still the general path's bits."""
+    model = _single(rank=8)
+    x = torch.randn(tokens, 1, 16)
+    calls = _spy(monkeypatch, model)
+    with torch.no_grad():
+        got = model(x)
+    assert calls
+    assert torch.equal(got, _general(model, x, monkeypatch))
+
+
+def _hooked(model):
+    model.layer.base_layer.register_forward_hook(lambda mod, args, out: out * 2)
+    return model
+
+
+STEP_ASIDE = {
+    "grad enabled": (lambda m: m, lambda x: x, True),
+    "training with dropout": (lambda m: m, lambda x: x, False),
+    "more tokens than a decode step": (lambda m: m, lambda x: torch.randn(native.MAX_TOKENS + 1, 16), False),
+    "non-contiguous x": (lambda m: m, lambda x: torch.randn(16, 2).t(), False),
+    "float64 model": (lambda m: m.double(), lambda x: x.double(), False),
+    "a hook on the base layer": (_hooked, lambda x: x, False),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("why", list(STEP_ASIDE))
+def test_plan_steps_aside(why, monkeypatch):
+    """Where the general path does something else (autograd terms, dropout, the torch GEMMs, another dtype, the
+    base layer's hooks), the plan does not run and the output is the general path's."""
+    torch.manual_seed(0)
+    model = Single(nn.Linear(16, 12)).eval()
+    dropout = 0.5 if why == "training with dropout" else 0.0
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=8, target_modules=["layer"], dropout=dropout), "a")
+    randomize(model, "a")
+    deltaw.activate(model, "a")
+    prepare, make_x, grad = STEP_ASIDE[why]
+    model = prepare(model)
+    x = make_x(torch.randn(2, 16))
+    if why == "training with dropout":
+        model.train()
+    calls = _spy(monkeypatch, model)
+    torch.manual_seed(5)
+    with torch.set_grad_enabled(grad):
+        got = model(x)
+    assert calls == [], why
+    torch.manual_seed(5)
+    expected = _general(model, x, monkeypatch, grad=grad)
+    assert torch.equal(got, expected), why
+
+
+@needs_kernel
+def test_plan_steps_aside_under_autocast_per_row_and_disabled(monkeypatch):
+    model = _single()
+    x = torch.randn(2, 16)
+    calls = _spy(monkeypatch, model)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(x)
+        with per_row(model, ["a", None]):
+            rows = model(x)
+        with deltaw.disabled(model):
+            off = model(x)
+    assert calls == []
+    assert auto.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(off, model.layer.base_layer(x))
+        torch.testing.assert_close(rows[1], model.layer.base_layer(x[1:])[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rows[0], model(x[:1])[0], rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_plan_follows_every_change_of_the_factors_and_scaling(monkeypatch):
+    """After a planned step: in-place edits, a replaced parameter, a ``.data`` swap, a new scaling and another
+    active set each show in the next step (compared with the general path on the same state)."""
+    model = _single()
+    layer = model.layer
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["layer"]), "b")
+    randomize(model, "b", seed=9)
+    x = torch.randn(3, 16)
+    calls = _spy(monkeypatch, model)
+
+    def step() -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+
+    first = step()
+    changes = [
+        lambda: layer.lora_A["a"].data.mul_(2.0),
+        lambda: layer.lora_B.__setitem__("a", nn.Parameter(torch.randn(12, 4))),
+        lambda: setattr(layer.lora_A["a"], "data", torch.randn(4, 16)),
+        lambda: layer.scaling.__setitem__("a", 0.25),
+        lambda: deltaw.activate(model, {"a": 0.5, "b": 2.0}),
+        lambda: deltaw.activate(model, "b"),
+    ]
+    before = first
+    for i, change in enumerate(changes):
+        change()
+        calls.clear()
+        got = step()
+        replaced = i in (1, 2)  # a replaced factor: this step takes the general path, the next one plans again
+        assert bool(calls) is not replaced, f"change {i}"
+        if replaced:
+            calls.clear()
+            assert torch.equal(step(), got) and calls, f"change {i}: no new plan"
+        assert not torch.equal(got, before), f"change {i} did not show"
+        assert torch.equal(got, _general(model, x, monkeypatch)), f"change {i}"
+        before = step()  # (a plan on the changed state, for the next change to find)
+
+
+@needs_kernel
+def test_delete_frees_the_factors_a_plan_held(monkeypatch):
+    """A plan holds the factors it checks; deleting the adapter must still free them (before the fix the plan
+    kept the deleted adapter's memory alive until the layer's next forward)."""
+    model = _single()
+    with torch.no_grad():
+        model(torch.randn(1, 16))
+    assert model.layer._decode.terms
+    refs = [weakref.ref(p) for p in deltaw.adapter_parameters(model, "a")]
+    deltaw.delete(model, "a")
+    gc.collect()
+    assert all(r() is None for r in refs)
+
+
+@needs_kernel
+def test_moving_the_model_and_copies_make_their_own_plan():
+    """``.to()`` drops the plan (the factors move); copies and pickles carry none (it names the original's memory)."""
+    model = _single()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert model.layer._decode is not None
+    twin = copy.deepcopy(model)
+    thawed = pickle.loads(pickle.dumps(model))
+    assert "_decode" not in twin.layer.__dict__ and "_decode" not in thawed.layer.__dict__
+    with torch.no_grad():
+        assert torch.equal(twin(x), expected) and torch.equal(thawed(x), expected)
+    model.double()
+    assert model.layer._decode is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.double()), expected.double(), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_a_subclass_with_its_own_update_is_not_planned(monkeypatch):
+    """The plan stands in for LoraLinear's own ``add_lora_``: a subclass that overrides it gets its override."""
+    seen = []
+
+    class Mine(LoraLinear):
+        def add_lora_(self, y, x, name, scale):
+            seen.append(name)
+            return super().add_lora_(y, x, name, scale)
+
+    model = _single()
+    layer = model.layer
+    layer.__class__ = Mine
+    calls = _spy(monkeypatch, model)
+    with torch.no_grad():
+        model(torch.randn(1, 16))
+    assert seen == ["a"] and calls == []
+
+
+@needs_kernel
+def test_export_first_then_eager_steps_take_the_plan(monkeypatch):
+    """Export traces forward with fake tensors: no plan may be made from them (a fake factor has no memory), and
+    eager steps afterwards plan on the real factors."""
+    model = _single()
+    x = torch.randn(1, 16)
+    calls = _spy(monkeypatch, model)
+    with torch.no_grad():
+        exported = torch.export.export(model, (x,))
+        assert model.layer._decode is None
+        got = model(x)
+        torch.testing.assert_close(exported.module()(x), got, rtol=1e-5, atol=1e-5)
+    assert calls
+    assert torch.equal(got, _general(model, x, monkeypatch))
