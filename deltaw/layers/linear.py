@@ -31,10 +31,8 @@ class _DecodePlan(NamedTuple):
     max_x: int  # x.numel() up to which a call is a decode step (native.MAX_TOKENS tokens)
     in_f: int
     out_f: int
-    dropout: bool  # some term has dropout: training mode takes the general path
     gemv: Callable[..., int] | None
-    a_params: dict[str, nn.Parameter]  # the factor dicts the terms were found in (checked per call)
-    b_params: dict[str, nn.Parameter]
+    cls: type  # the class it was made for (a ``__class__`` swap plans again)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -93,52 +91,67 @@ class LoraLinear(LoraLayer):
         return b, a  # ΔW = B·A (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """A decode step (up to ``native.MAX_TOKENS`` tokens, inference, fp32 CPU) reads only what it must: the
-        plan checks the factors once per activation, so a call checks x, whether each factor is still the one
-        planned (the same Parameter in its dict, at the same data pointer: a replaced parameter or ``.data``
-        shows), and runs the kernel per live adapter, with ``add_lora_``'s arithmetic, in its order.
-        Why: a decode step runs this ~200 times per token, each right after a GEMV that streamed MBs of weight
-        through the caches, so each object it touches is a cache miss: the general path cost ~3 % of a B = 1
-        step of the 135M shape more than this one.
-        Anything else (training, prefill, per_row, merged weights, disabled, hooks, autocast, other dtypes or
-        devices, tracing, tensor subclasses) takes ``LoraLayer.forward``."""
-        if type(x) is not _TENSOR or torch.is_grad_enabled():  # (export and compile trace with FakeTensors)
+        """A decode step (up to ``native.MAX_TOKENS`` tokens, inference, fp32 CPU) skips the general path's
+        per-call lookups: the plan finds the live factors once per activation, and a call checks x and y, that
+        each factor is still the Parameter in its dict with the planned memory and layout (a replaced parameter,
+        dict or ``.data`` shows), then runs the kernel per live adapter with ``add_lora_``'s arithmetic, in its
+        order: the general path's bits.
+        Why: this runs ~200 times per decoded token, each right after a GEMV that streamed MBs of weight through
+        the caches, so every object touched is a cache miss (135M shape, B = 1, same-process A/B over 300 steps
+        twice: 1.090 -> 1.077 and 1.098 -> 1.087x the base step).
+        Anything else (autograd, training with dropout, prefill, per_row, disabled, hooks, autocast, other dtypes,
+        devices or shapes, tracing, tensor subclasses) takes ``LoraLayer.forward``."""
+        if type(x) is not _TENSOR or torch.is_grad_enabled() or _is_tracing():  # (no plan from fakes or a trace)
             return super().forward(x)
         state: AdapterState = self._state
         plan = self._decode
-        if plan is None or plan[0] is not state.live:
+        if plan is None or plan[0] is not state.live or plan[6] is not type(self):
             plan = self._plan_decode(state)
-        _, terms, max_x, in_f, out_f, dropout, gemv, a_params, b_params = plan
+        _, terms, max_x, in_f, out_f, gemv, _ = plan
         if (terms and 0 < (nx := x.numel()) <= max_x and nx < layers_base.START_MIN_TOKENS * in_f
-                and state.rows is None and not state._disabled_depth and not (dropout and self.training)):
+                and state.rows is None and not state._disabled_depth
+                and not (self.training and any(self.dropout_p[t[0]] > 0.0 for t in terms))):
             base = self._modules["base_layer"]
             # (runs_directly, inlined: a method call is one more cache miss per module)
             if self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
                                          or base._backward_pre_hooks or "forward" in base.__dict__
                                          or _global_hooks()):
                 y = self.base_forward(x, base._parameters["weight"])
-                if (y.dtype is _F32 and x.dtype is _F32 and x.is_cpu and x.is_contiguous() and y.is_contiguous()
-                        and not _is_tracing()):
-                    for name, _, a, b, pa, pb, _ in terms:
-                        if (a_params.get(name) is not a or b_params.get(name) is not b or a.data_ptr() != pa
-                                or b.data_ptr() != pb):  # replaced since planned: plan again on the next call
-                            object.__setattr__(self, "_decode", None)
-                            return self.add_live(state, x, y)
-                    try:
-                        py, px = y.data_ptr(), x.data_ptr()
-                    except RuntimeError:  # (functorch's vmap wrappers have no storage)
-                        return self.add_live(state, x, y)
-                    n = nx // in_f  # (x contiguous, its last dim in_f: the base forward took it)
-                    threads = native._gemv_threads() if n >= _SPLIT_TOKENS else 1
-                    scaling = self.scaling
-                    for name, weight, _, _, pa, pb, r in terms:
-                        scale = weight * scaling[name]
-                        # (a weight-0 term adds nothing, NaN factors included, as in add_live)
-                        if scale != 0.0 and gemv(py, px, pa, pb, n, r, in_f, out_f, scale, threads) != 0:
-                            LoraLayer.add_lora_(self, y, x, name, scale)  # the kernel declined (no memory)
-                    return y
-                return self.add_live(state, x, y)  # (autocast, another dtype or device, a non-contiguous x)
+                n = nx // in_f
+                if (type(y) is _TENSOR and y.dtype is _F32 and x.dtype is _F32 and x.is_cpu and x.is_contiguous()
+                        and y.is_contiguous() and n * in_f == nx and y.numel() == n * out_f):
+                    return self._decode_into(plan, y, x, n)
+                return self.add_live(state, x, y)  # (autocast, another dtype, device or shape)
         return super().forward(x)
+
+    def _decode_into(self, plan: _DecodePlan, y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+        """y (n tokens) += every planned term, once each factor is checked to be the one planned."""
+        _, terms, _, in_f, out_f, gemv, _ = plan
+        a_params, b_params = self._a_params, self._b_params  # (as they are now: a replaced ParameterDict shows)
+        for name, _, a, b, pa, pb, r in terms:
+            if (a_params.get(name) is not a or b_params.get(name) is not b or a.data_ptr() != pa
+                    or b.data_ptr() != pb or a.dtype is not _F32 or b.dtype is not _F32 or a.shape != (r, in_f)
+                    or b.shape != (out_f, r) or not (a.is_contiguous() and b.is_contiguous())):
+                object.__setattr__(self, "_decode", None)  # changed since planned: plan again on the next call
+                return self.add_live(self._state, x, y)
+        try:
+            py, px = y.data_ptr(), x.data_ptr()
+        except RuntimeError:  # (functorch's vmap wrappers have no storage)
+            return self.add_live(self._state, x, y)
+        threads = native._gemv_threads() if n >= _SPLIT_TOKENS else 1
+        scaling = self.scaling
+        for i, (name, weight, _, _, pa, pb, r) in enumerate(terms):
+            scale = weight * scaling[name]
+            # (a weight-0 term adds nothing, NaN factors included, as in add_live)
+            if scale != 0.0 and gemv(py, px, pa, pb, n, r, in_f, out_f, scale, threads) != 0:
+                # The kernel declined (an allocation failed): this term and the rest through add_lora_, which
+                # may return a new y.
+                for name, weight, *_ in terms[i:]:
+                    scale = weight * scaling[name]
+                    if scale != 0.0:
+                        y = self.add_lora_(y, x, name, scale)
+                return y
+        return y
 
     def _plan_decode(self, state: AdapterState) -> _DecodePlan:
         """The decode plan for ``state.live`` (kept on the layer until the next change of it)."""
@@ -160,15 +173,15 @@ class LoraLinear(LoraLayer):
         gemv = native.gemv_function() if terms and self._decode_applies() else None
         if gemv is None:
             terms = []
-        plan = _DecodePlan(state.live, tuple(terms), native.MAX_TOKENS * in_f, in_f, out_f,
-                           any(self.dropout_p[t[0]] > 0.0 for t in terms), gemv, a_params, b_params)
+        plan = _DecodePlan(state.live, tuple(terms), native.MAX_TOKENS * in_f, in_f, out_f, gemv, type(self))
         object.__setattr__(self, "_decode", plan)
         return plan
 
     @classmethod
     def _decode_applies(cls) -> bool:
-        """The plan stands in for ``add_live`` + ``add_lora_`` (LoraLinear's): not for a subclass of its own."""
-        return all(getattr(cls, n) is getattr(LoraLinear, n) for n in ("add_live", "add_lora_"))
+        """The plan stands in for LoraLinear's ``add_live``, ``add_lora_`` and ``runs_directly``: not for a
+        subclass with its own."""
+        return all(getattr(cls, n) is getattr(LoraLinear, n) for n in ("add_live", "add_lora_", "runs_directly"))
 
     def add_lora_(self, y: torch.Tensor, x: torch.Tensor, name: str, scale: float) -> torch.Tensor:
         a, b = self._a_params[name], self._b_params[name]

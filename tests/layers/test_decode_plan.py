@@ -54,9 +54,9 @@ def _general(model: nn.Module, x: torch.Tensor, monkeypatch: pytest.MonkeyPatch,
     return out
 
 
-def _single(rank: int = 4, bias: bool = True) -> nn.Module:
+def _single(rank: int = 4, bias: bool = True, in_f: int = 16, out_f: int = 12) -> nn.Module:
     torch.manual_seed(0)
-    model = Single(nn.Linear(16, 12, bias=bias)).eval()
+    model = Single(nn.Linear(in_f, out_f, bias=bias)).eval()
     deltaw.attach(model, deltaw.LoraConfig(r=rank, alpha=2 * rank, target_modules=["layer"]), "a")
     randomize(model, "a")
     deltaw.activate(model, "a")
@@ -266,3 +266,143 @@ def test_export_first_then_eager_steps_take_the_plan(monkeypatch):
         torch.testing.assert_close(exported.module()(x), got, rtol=1e-5, atol=1e-5)
     assert calls
     assert torch.equal(got, _general(model, x, monkeypatch))
+
+
+# ---- found in review (each failed before its fix) --------------------------------------------------------------
+def test_a_base_weight_of_another_shape_is_refused_not_overrun():
+    """The plan's sizes were never compared with y again: a base weight replaced by a smaller one made the kernel
+    write 4096 floats per token into a y of 2 (heap corruption). Now the general path runs and refuses it."""
+    model = _single(rank=8, in_f=64, out_f=4096)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        model(x)
+        model.layer.base_layer.weight = nn.Parameter(torch.randn(2, 64), requires_grad=False)
+        model.layer.base_layer.bias = nn.Parameter(torch.randn(2), requires_grad=False)
+        with pytest.raises(RuntimeError):
+            model(x)
+
+
+@needs_kernel
+def test_a_factor_re_viewed_at_the_same_address_is_seen(monkeypatch):
+    """``.data`` set to a view of the same memory keeps the data pointer: the plan read rank 4 from a rank-2,
+    non-contiguous B. Layout and dtype are checked per call too."""
+    model = _single()
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        model(x)
+    a, b = model.layer.lora_A["a"], model.layer.lora_B["a"]
+    a.data, b.data = a.data[:2], b.data[:, :2]
+    with torch.no_grad():
+        got = model(x)
+    assert torch.equal(got, _general(model, x, monkeypatch))
+
+
+@needs_kernel
+def test_replaced_factor_dicts_are_seen(monkeypatch):
+    """The plan held the old ``_parameters`` dicts: a new ParameterDict left it on the old factors for good."""
+    model = _single()
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        before = model(x)
+    model.layer.lora_A = nn.ParameterDict({"a": nn.Parameter(torch.randn(4, 16))})
+    model.layer.lora_B = nn.ParameterDict({"a": nn.Parameter(torch.randn(12, 4))})
+    with torch.no_grad():
+        got = model(x)
+    assert not torch.equal(got, before)
+    assert torch.equal(got, _general(model, x, monkeypatch))
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_of_a_fresh_model_passes_its_check():
+    """Making a plan inside the traced call read the factors in another order than the check run:
+    TracingCheckError ("Graphs differed across invocations")."""
+    model = _single(rank=16, in_f=256, out_f=128)
+    x = torch.randn(1, 256)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (x,))
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_a_declining_kernel_keeps_the_update(monkeypatch):
+    """When the kernel declines (an allocation failed), the update goes through ``add_lora_``: its result was
+    dropped, so the output was the base layer's."""
+    model = _single()
+    model.layer.scaling["a"] = 1.0
+    deltaw.attach(model, deltaw.LoraConfig(r=2, alpha=2, target_modules=["layer"]), "b")
+    randomize(model, "b", seed=4)
+    deltaw.activate(model, {"a": 1.0, "b": 0.5})
+    x = torch.randn(2, 16)
+    expected = _general(model, x, monkeypatch)
+    monkeypatch.setattr(native, "gemv_function", lambda: lambda *args: -1)
+    _replan(model)
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got, model.layer.base_layer(x))
+
+
+class _Tagged(torch.Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@needs_kernel
+def test_a_tensor_subclass_output_takes_the_general_path(monkeypatch):
+    """A base weight of a tensor subclass gives a subclass y: the plan wrote into it through a raw pointer,
+    around the subclass's own ``__torch_function__``."""
+    model = _single()
+    weight = model.layer.base_layer.weight
+    model.layer.base_layer.weight = nn.Parameter(weight.detach().as_subclass(_Tagged), requires_grad=False)
+    x = torch.randn(1, 16)
+    calls = _spy(monkeypatch, model)
+    with torch.no_grad():
+        got = model(x)
+    assert calls == []
+    assert torch.equal(got.as_subclass(torch.Tensor), _general(model, x, monkeypatch).as_subclass(torch.Tensor))
+
+
+@needs_kernel
+def test_dropout_set_after_the_plan_applies_in_training(monkeypatch):
+    model = _single()
+    model.train()
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        model(x)
+    model.layer.dropout_p["a"] = 0.5
+    torch.manual_seed(3)
+    with torch.no_grad():
+        got = model(x)
+    torch.manual_seed(3)
+    assert torch.equal(got, _general(model, x, monkeypatch))
+
+
+@needs_kernel
+def test_subclass_overrides_are_honoured_even_after_a_plan(monkeypatch):
+    """A class swapped in after the plan was made, and a subclass with its own ``runs_directly``, get their own
+    methods (the plan inlined ``runs_directly`` and was kept across ``__class__`` changes)."""
+    seen: list[str] = []
+
+    class Mine(LoraLinear):
+        def add_lora_(self, y, x, name, scale):
+            seen.append(name)
+            return super().add_lora_(y, x, name, scale)
+
+    class Called(LoraLinear):
+        def runs_directly(self, base):
+            seen.append("base(x)")
+            return False
+
+    model = _single()
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        model(x)
+        model.layer.__class__ = Mine
+        model(x)
+        assert seen == ["a"]
+        model.layer.__class__ = Called
+        seen.clear()
+        model(x)
+    assert "base(x)" in seen
