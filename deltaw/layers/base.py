@@ -280,7 +280,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         self.tied_with = tuple(tied_with)  # other parameter names sharing base_layer.weight
         # A base layer of exactly a type whose forward ``base_forward`` reproduces may be run directly when it
         # has no hooks: nn.Module.__call__ costs more than a decode step's GEMV on 200 modules.
-        object.__setattr__(self, "_plain_base", self.is_plain_base(base_layer))
+        # (its type, compared per call: parametrizing the base's weight swaps its class for a subclass whose
+        # weight is computed, and whose ``_parameters`` no longer hold it)
+        object.__setattr__(self, "_plain_base", type(base_layer) if self.is_plain_base(base_layer) else None)
         into_ok = self._base_into_matches()
         object.__setattr__(self, "_into_ok", into_ok)
         # in_features for the prefill test in forward (x.shape[-1] costs ~0.1 µs, ~200 times per decoded token)
@@ -413,9 +415,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         """True when ``base(x)`` may be replaced by ``base_forward(x, weight)``: a plain base type and nothing
         that ``nn.Module.__call__`` would run besides its forward (hooks, an instance-level forward such as
         accelerate's offload hook)."""
-        return self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                                         or base._backward_pre_hooks or "forward" in base.__dict__
-                                         or _global_hooks())
+        return type(base) is self._plain_base and not (
+            base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks
+            or "forward" in base.__dict__ or _global_hooks())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         state: AdapterState = self._state

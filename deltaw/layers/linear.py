@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 
@@ -101,7 +102,8 @@ class LoraLinear(LoraLayer):
         twice: 1.090 -> 1.077 and 1.098 -> 1.087x the base step).
         Anything else (autograd, training with dropout, prefill, per_row, disabled, hooks, autocast, other dtypes,
         devices or shapes, tracing, tensor subclasses) takes ``LoraLayer.forward``."""
-        if type(x) is not _TENSOR or torch.is_grad_enabled() or _is_tracing():  # (no plan from fakes or a trace)
+        # (no plan from fakes or a trace; forward AD needs torch ops to carry the tangents)
+        if type(x) is not _TENSOR or torch.is_grad_enabled() or _is_tracing() or _fwad._current_level >= 0:
             return super().forward(x)
         state: AdapterState = self._state
         plan = self._decode
@@ -113,9 +115,9 @@ class LoraLinear(LoraLayer):
                 and not (self.training and any(self.dropout_p[t[0]] > 0.0 for t in terms))):
             base = self._modules["base_layer"]
             # (runs_directly, inlined: a method call is one more cache miss per module)
-            if self._plain_base and not (base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
-                                         or base._backward_pre_hooks or "forward" in base.__dict__
-                                         or _global_hooks()):
+            if type(base) is self._plain_base and not (
+                    base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
+                    or base._backward_pre_hooks or "forward" in base.__dict__ or _global_hooks()):
                 y = self.base_forward(x, base._parameters["weight"])
                 n = nx // in_f
                 if (type(y) is _TENSOR and y.dtype is _F32 and x.dtype is _F32 and x.is_cpu and x.is_contiguous()

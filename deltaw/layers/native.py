@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.autograd.forward_ad as _fwad
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +309,9 @@ _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
 def _plain(x: torch.Tensor, y: torch.Tensor) -> bool:
     """Eager tensors with real memory: not a tensor subclass (export's FakeTensor, FunctionalTensor), not under
     ``torch.jit.trace`` (a write through a raw pointer is invisible to the tracer: the traced module would
-    silently lose the LoRA update). The torch path handles those."""
-    return type(x) is torch.Tensor and type(y) is torch.Tensor and not _is_tracing()
+    silently lose the LoRA update), not inside ``forward_ad.dual_level()`` (a raw write carries no tangent: the
+    output's kept only the base layer's). The torch path handles those."""
+    return type(x) is torch.Tensor and type(y) is torch.Tensor and not _is_tracing() and _fwad._current_level < 0
 
 
 def _pointers(y: torch.Tensor, x: torch.Tensor) -> tuple[int, int] | None:
@@ -360,7 +362,7 @@ def lora_gemv_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     if (type(x) is not _TENSOR or type(y) is not _TENSOR or y.dtype is not _F32 or x.dtype is not _F32
             or a.dtype is not _F32 or b.dtype is not _F32 or not (y.is_cpu and x.is_cpu and a.is_cpu and b.is_cpu)
             or not (a.is_contiguous() and b.is_contiguous() and x.is_contiguous() and y.is_contiguous())
-            or _is_tracing()):
+            or _is_tracing() or _fwad._current_level >= 0):
         return False
     lib = _lib if _tried else kernel()
     if lib is None:

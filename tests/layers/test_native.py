@@ -794,3 +794,41 @@ def test_a_model_on_another_device_never_builds_the_cpu_kernel(monkeypatch: pyte
         for tokens in (1, 3):
             assert model(torch.empty(tokens, 8, device="meta")).shape == (tokens, 8)
     assert calls == []
+
+
+@pytest.mark.parametrize("plan", [True, False], ids=["decode plan", "general path"])
+def test_forward_ad_under_no_grad_keeps_the_lora_tangent(monkeypatch: pytest.MonkeyPatch, plan: bool) -> None:
+    """Forward-mode AD runs with grad mode off: the kernel's raw write added the update to the output but not to
+    its tangent (the tangent was the base layer's alone). Inside a dual level the torch path runs."""
+    import torch.autograd.forward_ad as fwAD
+    model = _single_with_adapter()
+    if not plan:
+        monkeypatch.setattr(native, "gemv_function", lambda: None)
+    layer = model.layer
+    a, b = deltaw.adapter_parameters(model, "a")
+    x, t = torch.randn(1, 40), torch.randn(1, 40)
+    with torch.no_grad(), fwAD.dual_level():
+        out = fwAD.unpack_dual(model(fwAD.make_dual(x, t)))
+        expected = t @ layer.base_layer.weight.T + layer.scaling["a"] * (t @ a.T) @ b.T
+    torch.testing.assert_close(out.tangent, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(out.primal, model(x), rtol=1e-5, atol=1e-5)
+
+
+class _Same(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+
+def test_a_parametrized_base_weight_runs_through_the_base_layer() -> None:
+    """Parametrizing the base's weight swaps its class and takes the weight out of ``_parameters``: the layer
+    still took the base as plain (a flag fixed when wrapped) and every forward raised KeyError: 'weight'."""
+    from torch.nn.utils import parametrize
+    model = _single_with_adapter()
+    x = torch.randn(2, 1, 40)
+    with torch.no_grad():
+        expected = model(x)
+    parametrize.register_parametrization(model.layer.base_layer, "weight", _Same())
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
