@@ -50,7 +50,8 @@ MAX_RANK = 256  # DW_MAX_RANK in the C file: the kernel keeps 4 rows' coefficien
 # and MKL's GEMM blocking wins.
 FUSED_MAX_RANK = 64
 _MIN_THREADED = 1 << 16  # elements below which extra threads cost more than they save
-# Tokens up to which ``lora_gemv_`` beats torch's two GEMMs (to be measured).
+# Tokens up to which ``lora_gemv_`` beats torch's two GEMMs: at the 135M shape, 16 tokens take 18-35 µs per module
+# in the kernel against 15-40 µs for each of the two skinny GEMMs; with more tokens the GEMMs win (README).
 MAX_TOKENS = 16
 
 _lock = threading.Lock()
