@@ -110,7 +110,7 @@ class RowPlan:
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _build(self, layer: LoraLayer) -> LayerRows:
-        present = frozenset(n for n in self._used if n in layer.lora_A._parameters)
+        present = frozenset(n for n in self._used if n in layer.lora_A._parameters or layer.require_plain_factors(n))
         specs = self._restricted.get(present)
         if specs is None:
             specs = self._restricted[present] = tuple(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from ..errors import MergeError, NonFiniteError
+from ..errors import MergeError, NonFiniteError, TargetError
 from ..registry import AdapterState
 
 def _global_hooks() -> bool:
@@ -401,6 +401,20 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         del self.dropout_p[name]
         del self.serial[name]
 
+    def require_plain_factors(self, name: str) -> bool:
+        """False for an adapter this layer does not hold (adapters may target other layers); raises where its
+        factors are here but parametrized (``torch.nn.utils.parametrize`` moves them out of ``_parameters``):
+        forward, merge and save read factors as plain Parameters, and skipping them dropped the adapter."""
+        for key in ("lora_A", "lora_B"):
+            found = self._modules[key]._modules.get("parametrizations")
+            if found is not None and name in found._modules:
+                raise TargetError(
+                    f"{key}[{name!r}] of this {type(self.base_layer).__name__} layer is parametrized "
+                    "(torch.nn.utils.parametrize): deltaw reads LoRA factors as plain Parameters (forward, merge, "
+                    f"save) and would leave adapter {name!r} out; remove the parametrization "
+                    f"(parametrize.remove_parametrizations(layer.{key}, {name!r}))")
+        return False
+
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
 
@@ -455,6 +469,8 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
                         y = self.add_lora_(y, x, name, scale)
                 else:
                     y = y + self.lora_out(name, x, y.dtype) * scale
+            else:
+                self.require_plain_factors(name)  # (not here at all: an adapter of other layers)
         return y
 
     def _deltas_first(self, state: AdapterState, x: torch.Tensor, weight: torch.Tensor,
@@ -542,7 +558,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         ``checks``, leaves that verdict to ``checks.settle()`` where it is not already known (the fused CPU kernel
         knows it); without ``out`` nothing changed, with ``out`` it holds the rejected values and the caller
         restores it."""
-        mine = [(n, w) for n, w in merged if n in self._a_params]
+        mine = [(n, w) for n, w in merged if n in self._a_params or self.require_plain_factors(n)]
         if not mine:
             return None
         w0 = self._pristine if self._pristine is not None else self.base_weight().data

@@ -16,6 +16,7 @@ import deltaw
 from thread_checks import assert_same_bits_for_any_thread_count
 from toy_models import Single
 from deltaw.errors import NonFiniteError
+from deltaw.batching import per_row
 from deltaw.layers import native
 
 needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="no C compiler / AVX2+FMA here: torch path only")
@@ -832,3 +833,21 @@ def test_a_parametrized_base_weight_runs_through_the_base_layer() -> None:
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_parametrized_factor_is_refused_not_dropped() -> None:
+    """A factor under torch.nn.utils.parametrize leaves ``_parameters``: forward skipped the adapter (the output
+    was the base layer's), a merge and a per_row batch left it out. All now say why."""
+    from torch.nn.utils import parametrize
+    model = _single_with_adapter()
+    parametrize.register_parametrization(model.layer.lora_A, "a", _Same())
+    x = torch.randn(1, 1, 40)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad), pytest.raises(deltaw.errors.TargetError, match="parametrized"):
+            model(x)
+    with pytest.raises(deltaw.errors.TargetError, match="parametrized"):
+        deltaw.merge(model, "a")
+    assert deltaw.merged(model) == ()
+    with torch.no_grad(), pytest.raises(deltaw.errors.TargetError, match="parametrized"):
+        with per_row(model, ["a", None]):
+            model(torch.randn(2, 1, 40))
