@@ -110,7 +110,9 @@ class RowPlan:
 
     # ---- internals ---------------------------------------------------------------------------------------
     def _build(self, layer: LoraLayer) -> LayerRows:
-        present = frozenset(n for n in self._used if n in layer.lora_A._parameters or layer.require_plain_factors(n))
+        a_params, b_params = layer._a_params, layer._b_params
+        present = frozenset(n for n in self._used
+                            if n in a_params and n in b_params or layer.require_plain_factors(n))
         specs = self._restricted.get(present)
         if specs is None:
             specs = self._restricted[present] = tuple(

@@ -257,6 +257,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     # use, and dropped wherever the factors may go away (delete) or move (``_apply``), so it never keeps a
     # deleted adapter's memory alive.
     _decode = None
+    _plain_base: type | None = None  # set in __init__: the base's type where base_forward may stand in for it
 
     def __init__(self, base_layer: nn.Module, state: AdapterState, tied_with: Sequence[str] = ()) -> None:
         super().__init__()
@@ -402,17 +403,16 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         del self.serial[name]
 
     def require_plain_factors(self, name: str) -> bool:
-        """False for an adapter this layer does not hold (adapters may target other layers); raises where its
-        factors are here but parametrized (``torch.nn.utils.parametrize`` moves them out of ``_parameters``):
-        forward, merge and save read factors as plain Parameters, and skipping them dropped the adapter."""
-        for key in ("lora_A", "lora_B"):
-            found = self._modules[key]._modules.get("parametrizations")
-            if found is not None and name in found._modules:
-                raise TargetError(
-                    f"{key}[{name!r}] of this {type(self.base_layer).__name__} layer is parametrized "
-                    "(torch.nn.utils.parametrize): deltaw reads LoRA factors as plain Parameters (forward, merge, "
-                    f"save) and would leave adapter {name!r} out; remove the parametrization "
-                    f"(parametrize.remove_parametrizations(layer.{key}, {name!r}))")
+        """False for an adapter this layer does not hold (adapters may target other layers); raises where it
+        holds it but a factor is not in ``_parameters`` (parametrized, or replaced by a plain attribute)."""
+        if name in self.scaling:
+            for key in ("lora_A", "lora_B"):
+                if name not in self._modules[key]._parameters:
+                    found = self._modules[key]._modules.get("parametrizations")
+                    how = ("parametrized (torch.nn.utils.parametrize)" if found is not None and name in found._modules
+                           else "not a Parameter of it")
+                    raise TargetError(f"{key}[{name!r}] of this {type(self.base_layer).__name__} layer is {how}: "
+                                      f"deltaw reads LoRA factors as plain Parameters and would leave {name!r} out")
         return False
 
     def adapter_names(self) -> list[str]:
@@ -457,12 +457,12 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         live = state.live
         if not live:
             return y
-        params = self._a_params
+        params, b_params = self._a_params, self._b_params
         # Without autograd (inference, generate) nothing needs the unscaled terms: add into y with fused ops.
         # This path runs ~200 times per decoded token, so it touches only plain attributes.
         fused = not torch.is_grad_enabled()
         for name, weight in live:
-            if name in params:
+            if name in params and name in b_params:
                 scale = weight * self.scaling[name]
                 if fused and not (self.training and self.dropout_p[name] > 0.0):
                     if scale != 0.0:  # (as addmm_ with alpha=0: a weight-0 term adds nothing, NaN factors included)
@@ -487,12 +487,14 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         a_params, b_params = self._a_params, self._b_params
         terms = []
         for name, w in state.live:
-            if name in a_params:
+            if name in a_params and name in b_params:
                 scale = w * self.scaling[name]
                 if self.training and self.dropout_p[name] > 0.0 or a_params[name].dtype != x.dtype:
                     return None
                 if scale != 0.0:  # (as in forward: a weight-0 term adds nothing, NaN factors included)
                     terms.append((a_params[name], b_params[name], scale))
+            else:
+                self.require_plain_factors(name)
         return self.deltas_with_bias(x, bias, terms) if terms else None
 
     # Optional hooks, for layers whose ``base_forward`` is one GEMM plus bias (Linear, Conv1D):
@@ -522,6 +524,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         if self.runs_directly(base):
             return self.base_forward(x, self._pristine)
         params = base._parameters
+        if "weight" not in params:
+            raise MergeError(f"the base {type(base).__name__}'s weight is no longer a Parameter of it (parametrized "
+                             "after the merge?): W0 cannot stand in for it; remove the parametrization first")
         installed = params["weight"]
         params["weight"] = nn.Parameter(self._pristine, requires_grad=False)
         try:
@@ -558,13 +563,16 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         ``checks``, leaves that verdict to ``checks.settle()`` where it is not already known (the fused CPU kernel
         knows it); without ``out`` nothing changed, with ``out`` it holds the rejected values and the caller
         restores it."""
-        mine = [(n, w) for n, w in merged if n in self._a_params or self.require_plain_factors(n)]
+        a_params, b_params = self._a_params, self._b_params
+        mine = [(n, w) for n, w in merged if n in a_params and n in b_params or self.require_plain_factors(n)]
         if not mine:
             return None
         w0 = self._pristine if self._pristine is not None else self.base_weight().data
         if w0.device.type == "meta":
             raise MergeError("cannot merge into weights on the meta device: load the base weights first")
         why = self.merge_refusal()
+        if why is None and "weight" not in self._modules["base_layer"]._parameters:
+            why = "cannot merge into a base weight that is not a plain Parameter (e.g. torch.nn.utils.parametrize)"
         if why is not None:
             raise MergeError(why)
         if self.tied_with:
@@ -684,6 +692,12 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def drop_spare(self) -> None:
         """Drop the kept merge memory (see ``set_merged``)."""
         object.__setattr__(self, "_spare", None)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if not isinstance(self.__dict__.get("_plain_base"), type):  # (pickled when it was a bool, or before it)
+            base = self._modules["base_layer"]
+            object.__setattr__(self, "_plain_base", type(base) if self.is_plain_base(base) else None)
 
     def __getstate__(self) -> dict:
         """Pickling / deepcopy leave out the kept merge memory (a cache, rebuilt by the next unmerge)."""

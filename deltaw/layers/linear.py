@@ -162,7 +162,8 @@ class LoraLinear(LoraLayer):
         terms = []
         for name, weight in state.live:
             a, b = a_params.get(name), b_params.get(name)
-            if a is None:
+            if a is None or b is None:
+                self.require_plain_factors(name)  # (raises unless the adapter is not on this layer at all)
                 continue
             r = a.shape[0]
             if not (type(a) is _PARAMETER and type(b) is _PARAMETER and a.dtype is _F32 and b.dtype is _F32
