@@ -335,6 +335,8 @@ def delete(model: nn.Module, name: str) -> None:
     _no_open_rows(st, f"delete adapter {name!r}")
     if any(n == name for n, _ in st.merged):
         raise MergeError(f"adapter {name!r} is merged into the base weights; call deltaw.unmerge(model, {name!r}) first")
+    for path in info.modules:  # (before anything changes: a parametrized factor cannot be deleted like the rest)
+        st.layers[path].require_plain_factors(name)
     st.set_active(tuple((n, w) for n, w in st.active if n != name))
     for path in info.modules:
         st.layers[path].delete_adapter(name)
@@ -364,6 +366,9 @@ def set_trainable(model: nn.Module, names: Sequence[str] | str | None) -> None:
     keep = {names} if isinstance(names, str) else set(names or ())
     for n in keep:
         st.require(n)
+    for n in st.adapters:  # (before anything changes)
+        for path in st.adapters[n].modules:
+            st.layers[path].require_plain_factors(n)
     for n in st.adapters:
         for p in adapter_parameters(model, n):
             p.requires_grad_(n in keep)

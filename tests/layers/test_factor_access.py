@@ -92,3 +92,19 @@ def test_layers_pickled_with_a_bool_plain_base_get_the_base_type_back() -> None:
     thawed = pickle.loads(pickle.dumps(layer))
     assert thawed._plain_base is nn.Linear
     assert thawed.runs_directly(thawed.base_layer)
+
+
+def test_delete_and_set_trainable_refuse_a_parametrized_factor_before_changing_anything() -> None:
+    """``delete`` removed the name from the dict's keys, then failed on the parametrized property: the model was
+    left half-deleted (the name neither usable nor free). ``set_trainable`` raised torch's non-leaf error midway."""
+    model = _two_adapters()
+    parametrize.register_parametrization(model.layer.lora_A, "b", nn.Identity())
+    with pytest.raises(deltaw.errors.TargetError, match="parametrized"):
+        deltaw.delete(model, "b")
+    with pytest.raises(deltaw.errors.TargetError, match="parametrized"):
+        deltaw.set_trainable(model, "a")
+    assert deltaw.adapters(model) == ["a", "b"] and dict(deltaw.active(model)) == {"a": 1.0, "b": 1.0}
+    assert [p.requires_grad for p in deltaw.adapter_parameters(model, "a")] == [True, True]
+    parametrize.remove_parametrizations(model.layer.lora_A, "b")
+    deltaw.delete(model, "b")
+    assert deltaw.adapters(model) == ["a"]
