@@ -34,6 +34,10 @@ class _DecodePlan(NamedTuple):
     out_f: int
     gemv: Callable[..., int] | None
     cls: type  # the class it was made for (a ``__class__`` swap plans again)
+    # (name, A, B) of the live adapters when a factor was refused for something that may be put back (a plain
+    # tensor swapped in by ``functional_call``, a non-contiguous view): a call plans again once one is replaced.
+    # Empty when nothing was refused, or when a factor is of another dtype or device (a bf16 or CUDA model).
+    recheck: tuple[tuple[str, torch.Tensor | None, torch.Tensor | None], ...]
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -107,9 +111,10 @@ class LoraLinear(LoraLayer):
             return super().forward(x)
         state: AdapterState = self._state
         plan = self._decode
-        if plan is None or plan[0] is not state.live or plan[6] is not type(self):
+        if (plan is None or plan[0] is not state.live or plan[6] is not type(self)
+                or plan[7] and self._factors_replaced(plan[7])):
             plan = self._plan_decode(state)
-        _, terms, max_x, in_f, out_f, gemv, _ = plan
+        _, terms, max_x, in_f, out_f, gemv, _, _ = plan
         if (terms and 0 < (nx := x.numel()) <= max_x and nx < layers_base.START_MIN_TOKENS * in_f
                 and state.rows is None and not state._disabled_depth
                 and not (self.training and any(self.dropout_p[t[0]] > 0.0 for t in terms))):
@@ -128,7 +133,7 @@ class LoraLinear(LoraLayer):
 
     def _decode_into(self, plan: _DecodePlan, y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
         """y (n tokens) += every planned term, once each factor is checked to be the one planned."""
-        _, terms, _, in_f, out_f, gemv, _ = plan
+        _, terms, _, in_f, out_f, gemv, _, _ = plan
         a_params, b_params = self._a_params, self._b_params  # (as they are now: a replaced ParameterDict shows)
         for name, _, a, b, pa, pb, r in terms:
             if (a_params.get(name) is not a or b_params.get(name) is not b or a.data_ptr() != pa
@@ -159,7 +164,7 @@ class LoraLinear(LoraLayer):
         """The decode plan for ``state.live`` (kept on the layer until the next change of it)."""
         in_f, out_f = self._features()
         a_params, b_params = self._a_params, self._b_params
-        terms = []
+        terms, recheck = [], ()
         for name, weight in state.live:
             a, b = a_params.get(name), b_params.get(name)
             if a is None or b is None:
@@ -169,6 +174,8 @@ class LoraLinear(LoraLayer):
             if not (type(a) is _PARAMETER and type(b) is _PARAMETER and a.dtype is _F32 and b.dtype is _F32
                     and a.is_cpu and b.is_cpu and a.is_contiguous() and b.is_contiguous()
                     and tuple(a.shape) == (r, in_f) and tuple(b.shape) == (out_f, r) and 0 < r <= native.MAX_RANK):
+                if a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu:
+                    recheck = tuple((n, a_params.get(n), b_params.get(n)) for n, _ in state.live)
                 terms = []
                 break
             terms.append((name, weight, a, b, a.data_ptr(), b.data_ptr(), r))
@@ -176,9 +183,13 @@ class LoraLinear(LoraLayer):
         gemv = native.gemv_function() if terms and self._decode_applies() else None
         if gemv is None:
             terms = []
-        plan = _DecodePlan(state.live, tuple(terms), native.MAX_TOKENS * in_f, in_f, out_f, gemv, type(self))
+        plan = _DecodePlan(state.live, tuple(terms), native.MAX_TOKENS * in_f, in_f, out_f, gemv, type(self), recheck)
         object.__setattr__(self, "_decode", plan)
         return plan
+
+    def _factors_replaced(self, recheck: tuple[tuple[str, torch.Tensor | None, torch.Tensor | None], ...]) -> bool:
+        a_params, b_params = self._a_params, self._b_params
+        return any(a_params.get(n) is not a or b_params.get(n) is not b for n, a, b in recheck)
 
     @classmethod
     def _decode_applies(cls) -> bool:

@@ -406,3 +406,19 @@ def test_subclass_overrides_are_honoured_even_after_a_plan(monkeypatch):
         seen.clear()
         model(x)
     assert "base(x)" in seen
+
+
+@needs_kernel
+def test_a_plan_refused_for_swapped_in_tensors_is_made_again_once_they_are_back(monkeypatch):
+    """A call under ``functional_call`` with plain tensors for the factors refuses the plan (a refused plan was
+    kept until the next activation change: every later step took the general path)."""
+    model = _single()
+    x = torch.randn(1, 16)
+    calls = _spy(monkeypatch, model)
+    a, b = (p.detach().clone() for p in deltaw.adapter_parameters(model, "a"))
+    with torch.no_grad():
+        swapped = torch.func.functional_call(model, {"layer.lora_A.a": a, "layer.lora_B.a": b}, (x,))
+        assert calls == []
+        got = model(x)
+    assert calls, "the plan was not made again"
+    assert torch.equal(got, swapped)
