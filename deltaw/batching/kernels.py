@@ -44,7 +44,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
 import torch
-import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 
 from ..errors import DeltawError
@@ -200,7 +199,7 @@ class LayerRows:
                     "give every row the same adapter there")
             x = x.expand(self.B, *x.shape[1:])
             y = y.expand(self.B, *y.shape[1:]).contiguous()
-        if torch.is_grad_enabled() or _fwad._current_level >= 0 or (self.needs_dropout and self.layer.training):
+        if torch.is_grad_enabled() or native._fwad._current_level >= 0 or (self.needs_dropout and self.layer.training):
             return self.reference(x, y)
         return self._kernel(x)(x, y)
 
@@ -214,7 +213,7 @@ class LayerRows:
         measured). Inference only, Linear-style layers, and only the strategies that have such a form
         (``uniform``, ``rowwise``, ``grouped`` on in-order rows). The layer has checked x, the weight and the bias
         (``layers.base._plain_operands``: fp32 plain tensors); each start checks the packed factors' dtype."""
-        if (self.empty or self.kind != "linear" or torch.is_grad_enabled() or _fwad._current_level >= 0
+        if (self.empty or self.kind != "linear" or torch.is_grad_enabled() or native._fwad._current_level >= 0
                 or (self.needs_dropout and self.layer.training) or x.dim() < 2
                 or (x.shape[0] % self.B and not self.same_for_all)):
             return None

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-import torch.autograd.forward_ad as _fwad
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +19,7 @@ _TENSOR = torch.Tensor
 _PARAMETER = nn.Parameter
 _SPLIT_TOKENS = native.SPLIT_TOKENS
 _is_tracing = native._is_tracing
+_fwad = native._fwad
 
 
 class _DecodePlan(NamedTuple):

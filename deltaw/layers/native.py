@@ -34,11 +34,12 @@ import sys
 import subprocess
 import tempfile
 import threading
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.autograd.forward_ad as _fwad
+import torch.autograd.forward_ad
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,14 @@ def merge_terms_into(out: torch.Tensor, w0: torch.Tensor,
 
 
 _is_tracing = getattr(torch._C, "_is_tracing", torch.jit.is_tracing)
+# Forward AD's open dual level (-1 outside ``forward_ad.dual_level()``), read as ``_fwad._current_level`` on every
+# decode call (a module global read, where a function call costs more). A torch without it: a level is taken as
+# open, so the raw-pointer paths never run (the torch paths carry tangents).
+_fwad = torch.autograd.forward_ad
+if not isinstance(getattr(_fwad, "_current_level", None), int):
+    log.warning("torch.autograd.forward_ad._current_level is missing in this torch: deltaw's native decode paths "
+                "are off (they could not tell whether forward AD is on)")
+    _fwad = types.SimpleNamespace(_current_level=0)
 
 
 def _plain(x: torch.Tensor, y: torch.Tensor) -> bool:

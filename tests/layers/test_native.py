@@ -851,3 +851,20 @@ def test_a_parametrized_factor_is_refused_not_dropped() -> None:
     with torch.no_grad(), pytest.raises(deltaw.errors.TargetError, match="parametrized"):
         with per_row(model, ["a", None]):
             model(torch.randn(2, 1, 40))
+
+
+def test_a_torch_without_the_dual_level_global_keeps_to_the_torch_paths() -> None:
+    """The raw-pointer paths step aside inside a forward-AD dual level, read from a private torch global: a torch
+    without it must neither break deltaw nor let those paths run blind."""
+    code = (
+        "import logging, torch, torch.autograd.forward_ad as f; del f._current_level\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from torch import nn; import deltaw; from deltaw.layers import native\n"
+        "m = nn.Sequential(nn.Linear(8, 8)); deltaw.attach(m, deltaw.LoraConfig(r=2, target_modules=['0']), 'a')\n"
+        "x = torch.randn(1, 8); y = torch.zeros(1, 8)\n"
+        "assert not native.lora_gemv_(y, x, torch.randn(2, 8), torch.randn(8, 2), 1.0)\n"
+        "with torch.no_grad(): m(x)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert "forward_ad._current_level is missing" in done.stderr
