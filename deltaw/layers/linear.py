@@ -102,8 +102,8 @@ class LoraLinear(LoraLayer):
         dict or ``.data`` shows), then runs the kernel per live adapter with ``add_lora_``'s arithmetic, in its
         order: the general path's bits.
         Why: this runs ~200 times per decoded token, each right after a GEMV that streamed MBs of weight through
-        the caches, so every object touched is a cache miss (135M shape, B = 1, same-process A/B over 300 steps
-        twice: 1.090 -> 1.077 and 1.098 -> 1.087x the base step).
+        the caches, so every object touched is a cache miss (135M shape, B = 1, same-process A/Bs of 100-300
+        steps: 1.090 -> 1.077, 1.098 -> 1.087, 1.083 -> 1.082x the base step: small, near the noise).
         Anything else (autograd, training with dropout, prefill, per_row, disabled, hooks, autocast, other dtypes,
         devices or shapes, tracing, tensor subclasses) takes ``LoraLayer.forward``."""
         # (no plan from fakes or a trace; forward AD needs torch ops to carry the tangents)
