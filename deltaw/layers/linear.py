@@ -40,6 +40,13 @@ class _DecodePlan(NamedTuple):
     recheck: tuple[tuple[str, torch.Tensor | None, torch.Tensor | None], ...]
 
 
+def _layout_fits(a: torch.Tensor, b: torch.Tensor, r: int, in_f: int, out_f: int) -> bool:
+    """A (r, in) and B (out, r) as the kernel reads them: fp32 and contiguous (checked when a plan is made and
+    again on every call, since ``.data`` can re-view a factor at the same address)."""
+    return (a.dtype is _F32 and b.dtype is _F32 and a.shape == (r, in_f) and b.shape == (out_f, r)
+            and a.is_contiguous() and b.is_contiguous())
+
+
 def is_hf_conv1d(module: nn.Module) -> bool:
     """True for transformers' GPT-2 style Conv1D, checked without importing transformers (a 1.5 s import that
     plain-PyTorch users should not pay)."""
@@ -137,8 +144,7 @@ class LoraLinear(LoraLayer):
         a_params, b_params = self._a_params, self._b_params  # (as they are now: a replaced ParameterDict shows)
         for name, _, a, b, pa, pb, r in terms:
             if (a_params.get(name) is not a or b_params.get(name) is not b or a.data_ptr() != pa
-                    or b.data_ptr() != pb or a.dtype is not _F32 or b.dtype is not _F32 or a.shape != (r, in_f)
-                    or b.shape != (out_f, r) or not (a.is_contiguous() and b.is_contiguous())):
+                    or b.data_ptr() != pb or not _layout_fits(a, b, r, in_f, out_f)):
                 object.__setattr__(self, "_decode", None)  # changed since planned: plan again on the next call
                 return self.add_live(self._state, x, y)
         try:
@@ -170,11 +176,11 @@ class LoraLinear(LoraLayer):
             if a is None or b is None:
                 self.require_plain_factors(name)  # (raises unless the adapter is not on this layer at all)
                 continue
-            r = a.shape[0]
-            if not (type(a) is _PARAMETER and type(b) is _PARAMETER and a.dtype is _F32 and b.dtype is _F32
-                    and a.is_cpu and b.is_cpu and a.is_contiguous() and b.is_contiguous()
-                    and tuple(a.shape) == (r, in_f) and tuple(b.shape) == (out_f, r) and 0 < r <= native.MAX_RANK):
-                if a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu:
+            r = a.shape[0] if a.dim() else 0
+            same_kind = a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu  # (as the model's: lasting)
+            if not (same_kind and type(a) is _PARAMETER and type(b) is _PARAMETER and 0 < r <= native.MAX_RANK
+                    and _layout_fits(a, b, r, in_f, out_f)):
+                if same_kind:
                     recheck = tuple((n, a_params.get(n), b_params.get(n)) for n, _ in state.live)
                 terms = []
                 break
