@@ -7,7 +7,7 @@ it. Every verb checks everything it can before touching the model, so a refused 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -388,8 +388,11 @@ def normalize(spec: AdapterSpec) -> Weighted:
         return ((spec, 1.0),)
     if isinstance(spec, Mapping):
         items = tuple((_spec_name(k), _spec_weight(k, v)) for k, v in spec.items())
-    else:
+    elif isinstance(spec, Iterable) and not isinstance(spec, (bytes, torch.Tensor)):
         items = tuple((_spec_name(k), 1.0) for k in spec)
+    else:
+        raise TypeError(f"an adapter spec is an adapter name, a list of names, a {{name: weight}} mapping or None; "
+                        f"got {type(spec).__name__} {spec!r}")
     names = [n for n, _ in items]
     if len(set(names)) != len(names):
         raise AdapterNameError(f"adapter listed twice in {names}")
@@ -409,7 +412,11 @@ def _spec_weight(name: str, weight: object) -> float:
     """A stacking weight as a float, refused unless finite (a NaN weight would be silently ignored by some
     BLAS paths and poison others) and representable in fp32."""
     value: float | None = None
-    if not isinstance(weight, (bool, str, bytes)):  # float() would read True as 1 and "0.5" as 0.5
+    # float() would read True (Python's, numpy's or a bool tensor) as 1, "0.5" as 0.5, and a one-element array
+    # or tensor as its element: none of them is a weight.
+    dtype = getattr(weight, "dtype", None)
+    if not (isinstance(weight, (bool, str, bytes)) or getattr(weight, "ndim", 0) != 0
+            or dtype is torch.bool or str(dtype) == "bool"):
         try:
             value = float(weight)  # type: ignore[arg-type]
         except (TypeError, ValueError):

@@ -3,6 +3,7 @@ checks run on ``DELTAW_TEST_DEVICE`` (conftest.py; default cpu)."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -159,6 +160,9 @@ def test_walk_is_named_modules_without_wrapper_insides(case, device):
 @pytest.mark.parametrize("weight, error", [
     (float("nan"), deltaw.NonFiniteError), (float("inf"), deltaw.NonFiniteError), (1e39, deltaw.NonFiniteError),
     ("x", TypeError), ("0.5", TypeError), (True, TypeError), (None, TypeError),
+    # float() reads all three as numbers (found in review): numpy's and torch's bools, a one-element tensor
+    (np.True_, TypeError), (torch.tensor(True), TypeError), (torch.tensor([0.5]), TypeError),
+    (np.array([0.5]), TypeError),
 ])
 def test_stack_weights_must_be_finite_real_numbers(weight, error):
     """A NaN weight was accepted: merge then reported ('a', nan) with weights changed as if it were 1 (MKL's
@@ -171,6 +175,25 @@ def test_stack_weights_must_be_finite_real_numbers(weight, error):
             call(model, {"a": weight})
     assert deltaw.active(model) == (("a", 1.0),) and deltaw.merged(model) == ()
     assert torch.equal(model[0].base_layer.weight, w0)
+
+
+def test_numeric_scalars_are_weights():
+    """numpy and 0-d torch scalars stay accepted (the refusals above are bools and arrays, not numeric types)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    for weight in (np.float32(0.5), np.int64(2), torch.tensor(0.25), torch.tensor(3)):
+        deltaw.activate(model, {"a": weight})
+        assert deltaw.active(model) == (("a", float(weight)),)
+
+
+def test_a_spec_of_the_wrong_type_says_what_a_spec_is():
+    """``activate(model, 5)`` raised "'int' object is not iterable" (found in review)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    for spec in (5, 3.0, torch.tensor([1.0]), b"a"):
+        with pytest.raises(TypeError, match="an adapter spec is an adapter name, a list of names"):
+            deltaw.activate(model, spec)
+    assert deltaw.active(model) == (("a", 1.0),)
 
 
 def test_adapter_names_in_a_spec_must_be_strings():

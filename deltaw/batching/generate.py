@@ -42,7 +42,8 @@ def generate(model: nn.Module, tokenizer_or_inputs: Any, adapters: Sequence[RowS
     if pad is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+        # (no token_type_ids: a tokenizer that makes them would have generate() refuse the decoder's kwargs)
+        enc = tokenizer(list(prompts), return_tensors="pt", padding=True, return_token_type_ids=False)
     finally:
         tokenizer.padding_side = side
         if pad is None:

@@ -18,10 +18,13 @@ per module:
                and gives each row exactly what the one-adapter decode kernel gives it alone: ``auto``'s decode
                choice where it applies.
 ``dense``      the unique adapters concatenated along r; a (rows, R) mask holds each row's weight·scaling per
-               column (``linear``, ``mul_``, ``addmm_``). Reads each adapter once, but FLOPs grow with the number
-               of adapters: used for embeddings (a lookup, where gathering per group buys nothing).
-``reference``  a loop over the unique adapters with per-row weight masks through ``layer.lora_out``: simple,
-               autograd-correct, used whenever gradients are on, in training with dropout, and for conv layers.
+               column (``linear``, ``mul_``, ``masked_fill_`` of the unused columns, ``addmm_``). Reads each
+               adapter once, but FLOPs grow with the number of adapters: used for embeddings (a lookup, where
+               gathering per group buys nothing).
+``reference``  a loop over the unique adapters through ``layer.lora_out``, each on the entries of its rows
+               (``index_select``, ``index_add``): simple, autograd-correct, used whenever gradients are on, in
+               training with dropout, for conv layers, and where ``dense`` / padded ``grouped`` would multiply
+               rows by a non-finite factor they do not use (``LayerRows._isolates``).
 
 See ``LayerRows._auto`` for the measurements behind the choice.
 
@@ -38,6 +41,7 @@ dimension of ``x``; a leading dimension of ``k·B`` (beam search / ``num_return_
 from __future__ import annotations
 
 import functools
+import operator
 import logging
 import weakref
 from collections import OrderedDict
@@ -66,9 +70,18 @@ _CACHE: weakref.WeakKeyDictionary[LoraLayer, OrderedDict[Hashable, object]] = we
 ROWWISE_MAX_BYTES = 4 << 20
 
 
+# Bumped by ``clear_cache``: an open context's layers compare it on every call and re-pack when it moved (a write
+# through ``.data`` keeps the storage and bumps no version counter, so only the caller can say it happened).
+_generation = 0
+_data_ptr = torch.Tensor.data_ptr
+_version = operator.attrgetter("_version")
+
+
 def clear_cache() -> None:
     """Drop every packed tensor kept between ``per_row`` contexts, and the layout constants kept on devices
-    (they are rebuilt on demand)."""
+    (they are rebuilt on demand); an open ``per_row`` context re-packs on its next forward."""
+    global _generation
+    _generation += 1
     _CACHE.clear()
     _device_const.cache_clear()
 
@@ -132,8 +145,8 @@ def _device_const(raw: bytes, shape: tuple[int, ...], dtype: torch.dtype, device
 def _identity(layer: LoraLayer, name: str) -> tuple:
     """What a pack of this adapter depends on: which factors (``serial``: an adapter deleted and loaded again
     under its name may land in the same memory with the same version counters), their storage and in-place
-    version (optimizer steps, ``copy_``), dtype, device and scaling. Writes through ``.data`` bump no version
-    counter: call ``clear_cache()`` after them."""
+    version (optimizer steps, ``copy_``), dtype, device and scaling. A write in place through ``.data`` changes
+    neither storage nor version: call ``clear_cache()`` after one."""
     a, b = layer.lora_A._parameters[name], layer.lora_B._parameters[name]
     return (name, layer.serial[name], a.data_ptr(), version_of(a), b.data_ptr(), version_of(b), a.dtype, a.device,
             layer.scaling[name])
@@ -144,8 +157,11 @@ class LayerRows:
 
     Builds packed tensors lazily, once per strategy, and picks a strategy per input shape."""
 
-    def __init__(self, layer: LoraLayer, specs: tuple[Weighted, ...], strategy: str = "auto") -> None:
+    def __init__(self, layer: LoraLayer, specs: tuple[Weighted, ...], strategy: str = "auto",
+                 batch: Callable[[], int | None] | None = None) -> None:
         self.layer = layer
+        # The model's batch size in the current forward, where the context knows it (see ``RowPlan.batch``).
+        self._batch = batch
         self.kind = layer_kind(layer)
         self.strategy = strategy
         self.B = len(specs)
@@ -170,12 +186,13 @@ class LayerRows:
         # Every row the same spec: one plain LoRA, whatever the leading dimension (e.g. MoE experts see a
         # routed subset of the tokens), so no row mapping is needed.
         self.same_for_all = self.G == 1 and not self.has_none
-        # Kernels work on copies of the factors (packs): a write into a factor while the context is open must
-        # send them back to packing. Inference tensors keep no version counter; they cannot be watched (and
-        # cannot be written outside inference mode).
+        # Kernels work on copies of the factors (packs) or on their memory (native): a write into a factor while
+        # the context is open (its version counter), a ``.data`` swap (its storage) or ``clear_cache()`` after a
+        # write through ``.data`` must send them back to packing. Inference tensors keep no version counter;
+        # they cannot be watched (and cannot be written outside inference mode).
         self._watch = [p for n in self.names for p in (layer.lora_A._parameters[n], layer.lora_B._parameters[n])
                        if not p.is_inference()]
-        self._stamp = [version_of(p) for p in self._watch]
+        self._restamp()
         self._kernels: dict[tuple, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         # input shape -> the chosen kernel's ``start`` (bias + deltas, for ``LoraLayer.base_into``), None if none
         self._starts: dict[tuple, Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor | None] | None] = {}
@@ -191,14 +208,19 @@ class LayerRows:
             # delta, so the output gets the rows' dimension and broadcasts where the lookup's did. Embeddings
             # only: an activation of batch 1 is the model's own batch (reshaped with it downstream), or one
             # token routed to an expert.
-            if n != 1 or x.dim() < 2 or self.kind != "embedding":
+            # The model's own batch, where the context saw it: a real batch of one is not broadcast, and k
+            # entries per row (beam search) get k·B.
+            total = self._batch() if self._batch is not None else None
+            if n != 1 or x.dim() < 2 or self.kind != "embedding" or (
+                    total is not None and (total == 1 or total % self.B)):
                 raise DeltawError(
                     f"per_row was given {self.B} rows but a layer received a batch of {n} (leading dimension of "
                     f"{tuple(x.shape)}); the batch must have exactly one entry per row (or k per row, in order). "
                     "Layers that see a routed subset of the tokens (mixture-of-experts) cannot tell rows apart: "
                     "give every row the same adapter there")
-            x = x.expand(self.B, *x.shape[1:])
-            y = y.expand(self.B, *y.shape[1:]).contiguous()
+            total = total or self.B
+            x = x.expand(total, *x.shape[1:])
+            y = y.expand(total, *y.shape[1:]).contiguous()
         if torch.is_grad_enabled() or native._fwad._current_level >= 0 or (self.needs_dropout and self.layer.training):
             return self.reference(x, y)
         return self._kernel(x)(x, y)
@@ -222,8 +244,8 @@ class LayerRows:
         return None if first is None else first(x, bias)
 
     def _kernel(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        if self._watch and [version_of(p) for p in self._watch] != self._stamp:
-            self._repack()  # factors written in place since they were packed (an optimizer step, copy_)
+        if self._gen != _generation or self._watch and self._changed():
+            self._repack()  # factors written since they were packed (an optimizer step, copy_, a .data swap)
         kernel = self._kernels.get(x.shape)
         if kernel is None:
             kernel = self._kernels[x.shape] = self._choose(x)
@@ -234,7 +256,19 @@ class LayerRows:
         """Forget the kernels built on packed copies of the factors and note the versions the next ones see."""
         self._kernels.clear()
         self._starts.clear()
-        self._stamp = [version_of(p) for p in self._watch]
+        self._restamp()
+
+    def _restamp(self) -> None:
+        self._gen = _generation
+        self._ptrs = [*map(_data_ptr, self._watch)]
+        self._versions = [version_of(p) for p in self._watch]
+
+    def _changed(self) -> bool:
+        """Whether a watched factor's storage or version moved (two ``map``s: ~4 µs for 32 factors)."""
+        try:
+            return [*map(_data_ptr, self._watch)] != self._ptrs or [*map(_version, self._watch)] != self._versions
+        except RuntimeError:  # swapped for a tensor without storage or version counter: never the same
+            return True
 
     def _choose(self, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         name = self.strategy if self.strategy != "auto" else self._auto(x)
@@ -253,6 +287,8 @@ class LayerRows:
                 self.chosen[tuple(x.shape)] = name
                 return run
             name = "uniform" if self.same_for_all else "grouped"  # the kernel does not take these factors/shapes
+        if name in ("dense", "grouped") and not self._isolates(name):
+            name = "reference"  # (see ``_isolates``)
         self.chosen[tuple(x.shape)] = name
         if name == "reference":
             return self.reference
@@ -290,6 +326,18 @@ class LayerRows:
             return "rowwise"  # ≤ 2 copies of each needed adapter, bounded per layer
         return "grouped"
 
+    def _isolates(self, name: str) -> bool:
+        """Whether ``dense`` or ``grouped`` keeps each row to its own adapters here. Both multiply rows by factors
+        they do not use -- ``dense`` every row by every adapter, ``grouped`` its padding slots (groups of unequal
+        size) by their group's -- and zero those products; a NaN or inf in such a factor survives that (0 · inf
+        is NaN) and would reach rows that never use the adapter, where each row alone stays finite. Checked once
+        per kernel build (a write into a factor re-packs): where a factor is not finite, ``reference`` runs."""
+        if name == "grouped" and len({g for g in self.row_group if g >= 0}) == self.G and len(
+                {self.row_group.count(g) for g in range(self.G)}) == 1:
+            return True  # equal groups: no padding slot
+        return all(t.is_meta or bool(torch.isfinite(t).all())  # (a meta tensor has no values to check)
+                   for n in self.names for t in self._factors(n)[:2])
+
     def _grouped_in_order(self) -> bool:
         """Rows already sorted into equal-size groups (e.g. all distinct): ``grouped`` needs no gather."""
         if self.has_none or self.B % self.G:
@@ -306,7 +354,10 @@ class LayerRows:
 
     # ---- reference ---------------------------------------------------------------------------------------
     def reference(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Σ over unique adapters of lora_out(x) · (per-row weight · scaling): plain ops, autograd-correct."""
+        """Σ over unique adapters of lora_out(x) · (per-row weight · scaling): plain ops, autograd-correct.
+        Each adapter runs on the entries of the rows that use it only (``index_select`` / ``index_add``): one
+        computed for every row and zeroed by a weight of 0 would turn NaN or inf factors, or an fp16 product
+        that overflows, into NaN on rows that never use it (0 · inf), values and gradients alike."""
         k = x.shape[0] // self.B
         if self.same_for_all:  # one spec for every row: plain scalars, any leading dimension
             (spec,) = self.groups
@@ -315,11 +366,17 @@ class LayerRows:
             return y
         for name in self.names:
             scale = self.layer.scaling[name]
-            w = _const([dict(spec).get(name, 0.0) * scale for spec in self.specs], y.dtype, y.device)  # (B,)
+            weights = [dict(spec).get(name, 0.0) * scale for spec in self.specs]
+            rows = [i for i, spec in enumerate(self.specs) if any(n == name for n, _ in spec)]
+            w = _const([weights[i] for i in rows], y.dtype, y.device)  # (rows using it,)
             if k > 1:
-                w = w.repeat_interleave(k)  # (N,): row r's weight on its k entries
-            w = w.view(-1, *([1] * (y.dim() - 1)))  # (N, 1, ...) broadcasts over tokens / channels
-            y = y + self.layer.lora_out(name, x, y.dtype) * w
+                w = w.repeat_interleave(k)  # row r's weight on its k entries
+            w = w.view(-1, *([1] * (y.dim() - 1)))  # (n, 1, ...) broadcasts over tokens / channels
+            if len(rows) == self.B:
+                y = y + self.layer.lora_out(name, x, y.dtype) * w
+                continue
+            idx = _const([i * k + j for i in rows for j in range(k)], torch.long, y.device)  # (n,) entries
+            y = y.index_add(0, idx, self.layer.lora_out(name, x.index_select(0, idx), y.dtype) * w)
         return y
 
     # ---- packing -----------------------------------------------------------------------------------------
@@ -451,7 +508,8 @@ class LayerRows:
                 return y
             if not fallback:  # (built once: this kernel serves one input shape)
                 fallback.append(self.uniform_kernel() if self.same_for_all
-                                else self.grouped_kernel(x.shape[0] // self.B))
+                                else self.grouped_kernel(x.shape[0] // self.B) if self._isolates("grouped")
+                                else self.reference)
             return fallback[0](x, y)
 
         return run
@@ -469,11 +527,13 @@ class LayerRows:
         mask = _const(rows, bt_cat.dtype, bt_cat.device)  # (B, R): each row's w·s per column
         if k > 1:
             mask = mask.repeat_interleave(k, 0)  # (N, R)
+        unused = mask == 0  # (N, R): set to exactly 0 (a weight of 0 times an inf from fp16 overflow is NaN)
         project = self._project_in(a_cat)
 
         def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             h = project(x)  # (N, ..., R)
-            h.mul_(mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1]))
+            shape = (mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+            h.mul_(mask.view(shape)).masked_fill_(unused.view(shape), 0.0)
             return _add_out(y, h, bt_cat, 1.0)
 
         return run
@@ -513,8 +573,9 @@ class LayerRows:
         idx_rows = [m + [pad_row] * (width - len(m)) for m in members]  # (G, width)
         pad = None
         if not balanced:
-            pad = _const([[1.0] * len(m) + [0.0] * (width - len(m)) for m in members], a_st.dtype,
-                         a_st.device).view(G, width, 1, 1)  # zero the padded slots' output
+            # zero the padded slots' output exactly (masked, not multiplied: 0 times an fp16 overflow is NaN)
+            pad = _const([[j >= len(m) for j in range(width)] for m in members], torch.bool,
+                         a_st.device).view(G, width, 1, 1)
         idx = _const([r for m in idx_rows for r in m], torch.long, a_st.device)  # (G·width,)
         # Index over the leading dimension N = k·B: row r owns entries r·k .. r·k + k - 1.
         idx_n = (idx[:, None] * k + torch.arange(k, device=idx.device)).view(-1) if k > 1 else idx
@@ -526,7 +587,7 @@ class LayerRows:
                 xg = xg.to(a_st.dtype)
             h = torch.bmm(xg.view(G, -1, in_f), a_st)  # (G, width·k·T, Rmax)
             if pad is not None:
-                h.view(G, width, -1, h.shape[-1]).mul_(pad)
+                h.view(G, width, -1, h.shape[-1]).masked_fill_(pad, 0.0)
             d = torch.bmm(h, b_st)  # (G, width·k·T, out)
             d = d.view(idx_n.shape[0], *y.shape[1:])
             if y.dtype == d.dtype:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import api
-from ..errors import AdapterNameError, DeltawError
+from ..errors import AdapterNameError, DeltawError, NonFiniteError
 from ..layers.base import LoraLayer, ModulesToSave
 from ..registry import AdapterState, Weighted
 from .kernels import STRATEGIES, LayerRows
@@ -45,8 +45,9 @@ def normalize_rows(st: AdapterState, rows: Sequence[RowSpec]) -> tuple[Weighted,
             weighted = api.normalize(spec)
             for name, _ in weighted:
                 st.require(name)
-        except AdapterNameError as exc:
-            raise AdapterNameError(f"row {i}: {exc}") from None
+        except (AdapterNameError, NonFiniteError, TypeError, ValueError) as exc:
+            # the same type, the row named: in a batch of 64 the same adapter may appear in many rows
+            raise type(exc)(f"row {i}: {exc}") from None
         out.append(weighted)
     return tuple(out)
 
@@ -75,6 +76,9 @@ class RowPlan:
         self._restricted: dict[frozenset[str], tuple[Weighted, ...]] = {}
         self._used = frozenset(n for spec in self.rows for n, _ in spec)
         self._heads: dict[ModulesToSave, str | None] = {}
+        # The batch size of the model's current forward (``note_batch``), None where the model was not called
+        # itself (a submodule run directly): an embedding lookup of one entry is then broadcast to the rows.
+        self.batch: int | None = None
         for wrapper in st.saved_modules.values():
             self._heads[wrapper] = self._head_for(wrapper)
 
@@ -117,7 +121,19 @@ class RowPlan:
         if specs is None:
             specs = self._restricted[present] = tuple(
                 tuple((n, w) for n, w in spec if n in present) for spec in self.rows)
-        return LayerRows(layer, specs, self.strategy)
+        return LayerRows(layer, specs, self.strategy, self._batch_size)
+
+    def _batch_size(self) -> int | None:
+        return self.batch
+
+    def note_batch(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook on the model ``per_row`` was given: the leading dimension of its input (``input_ids``,
+        ``inputs_embeds`` or the first tensor argument), so that an embedding lookup done once for every row
+        (GPT-2's ``(1, T)`` position ids) is broadcast to the model's real batch -- k entries per row under beam
+        search -- and a real batch of one row for several specs is refused rather than broadcast."""
+        first = next((v for v in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args)
+                      if isinstance(v, torch.Tensor)), None)
+        self.batch = (first.shape[0] if first.dim() > 1 else 1) if first is not None else None
 
     def _head_for(self, wrapper: ModulesToSave) -> str | None:
         """The copy each row would use alone, as ``using`` picks it (``ModulesToSave.selected``): the first adapter
@@ -150,15 +166,19 @@ def per_row(model: nn.Module, rows: Sequence[RowSpec], *, strategy: str = "auto"
     GPT-2's position ids); a layer that sees a routed subset of the tokens (mixture-of-experts) cannot tell
     rows apart: give every row the same spec there (with mixed specs it raises when the routed count does not
     fit the rows and is silently wrong when it does). Adapter state is frozen while the context is open: attach, load, delete,
-    merge and unmerge raise ``RowsOpenError``; factors written in place are re-packed on the next forward
-    (packs kept between contexts key on storage + version counter: after a write through ``.data``, which
-    bumps no counter, call ``clear_cache()``). The previous plan (if nested) comes back after.
+    merge and unmerge raise ``RowsOpenError``; factors written in place or swapped through ``.data`` are
+    re-packed on the next forward (packs kept between contexts key on storage + version counter: after a write
+    in place through ``.data``, which changes neither, call ``clear_cache()``, which open contexts see too).
+    While open, a forward pre-hook on ``model`` notes its batch size (see ``RowPlan.note_batch``). The previous
+    plan (if nested) comes back after.
     The plan lives on the model's shared state: one ``per_row`` batch per model at a time (serialise threads)."""
     st = api.state(model)
     plan = RowPlan(st, rows, strategy)
     before = st.rows
+    hook = model.register_forward_pre_hook(plan.note_batch, with_kwargs=True)
     st.rows = plan
     try:
         yield plan
     finally:
         st.rows = before
+        hook.remove()

@@ -103,3 +103,14 @@ def test_generate_needs_exactly_one_spec_per_input_row(model):
     # beams / num_return_sequences expand rows inside model.generate: one spec per *input* row is still right
     got = generate(model, ids[:2], ["tech", None], num_beams=2, num_return_sequences=2, **GEN)
     assert got.shape[0] == 4
+
+
+def test_generate_with_a_tokenizer_that_makes_token_type_ids(model):
+    """A tokenizer whose model inputs include token_type_ids made ``model.generate`` refuse the decoder's kwargs
+    (found in review): only input_ids and attention_mask go in."""
+    tok = _word_tokenizer()
+    tok.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    assert "token_type_ids" in tok(["w1"], return_tensors="pt")
+    texts = generate(model, tok, adapters=["tech", None], prompts=["w3 w4", "w5"], max_new_tokens=3,
+                     do_sample=False)
+    assert len(texts) == 2

@@ -148,3 +148,18 @@ def test_routed_tokens_are_refused_unless_every_row_shares_the_spec():
     for strategy in STRATEGIES:
         with per_row(m, ["a", "a"], strategy=strategy), torch.no_grad():
             torch.testing.assert_close(m(x), expected, **TOL)
+
+
+def test_a_bad_row_spec_is_named_by_its_row():
+    """A wrong-typed spec raised "'int' object is not iterable", and a bad weight named the adapter but not the
+    row (in a large batch the same adapter is on many rows); nothing is changed either way (found in review)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), "a")
+    cases = [([None, 5], TypeError, "row 1: an adapter spec is"), (["a", {"a": "x"}], TypeError, "row 1: the weight"),
+             ([{"a": float("nan")}], deltaw.NonFiniteError, "row 0: the weight"),
+             ([None, "a", {"a": torch.tensor(True)}], TypeError, "row 2: the weight")]
+    for rows, error, message in cases:
+        with pytest.raises(error, match=message):
+            with per_row(model, rows):
+                pass
+        assert deltaw.state(model).rows is None and not model._forward_pre_hooks

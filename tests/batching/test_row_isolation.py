@@ -1,0 +1,154 @@
+"""A row of a mixed batch depends on its own adapters only: a broken adapter (NaN or inf factors) on other rows,
+a factor swapped through ``.data`` while the context is open, or a lookup the model does once for every row must
+not change what a row gets alone (found in review; each test failed before its fix)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import deltaw
+from deltaw.batching import clear_cache, per_row
+from toy_models import tiny_gpt2
+
+
+class _One(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _two_adapters(layer: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    m = _One(layer).eval()
+    for name in ("a", "b"):
+        deltaw.attach(m, deltaw.LoraConfig(r=4, target_modules=["layer"]), name)
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(m):
+            p.normal_()
+    return m
+
+
+def _input(kind: str, n: int = 6) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 5, 8, generator=g) if kind == "linear" else torch.randint(0, 20, (n, 5), generator=g)
+
+
+@pytest.mark.parametrize("bad", ["A", "B"])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+@pytest.mark.parametrize("strategy,grad", [("auto", True), ("reference", False), ("auto", False), ("dense", False),
+                                           ("grouped", False), ("rowwise", False), ("native", False)])
+def test_non_finite_adapter_stays_on_its_rows(kind, strategy, grad, bad):
+    """Rows without the broken adapter equal their solo run; only its own row is NaN. Before, reference (every
+    grad-enabled forward), dense (embeddings under auto) and grouped with unequal groups computed every adapter on
+    every row and multiplied the unused ones by 0: NaN · 0 is NaN."""
+    m = _two_adapters(nn.Linear(8, 8) if kind == "linear" else nn.Embedding(20, 8))
+    layer = deltaw.state(m).layers["layer"]
+    with torch.no_grad():
+        (layer.lora_A if bad == "A" else layer.lora_B)["b"].fill_(float("nan"))
+    x = _input(kind)
+    rows = ["a", None, "a", "a", "a", "b"]  # groups of 4 and 1: grouped pads the smaller one
+    with torch.set_grad_enabled(grad), per_row(m, rows, strategy=strategy):
+        y = m(x)
+    with torch.no_grad():
+        for i, spec in enumerate(rows[:5]):
+            with deltaw.using(m, spec):
+                alone = m(x[i:i + 1])
+            torch.testing.assert_close(y[i:i + 1].detach(), alone, rtol=1e-5, atol=1e-5, msg=f"row {i}")
+    assert y[5].isnan().all()
+
+
+def test_non_finite_adapter_leaves_other_rows_gradients_finite():
+    """Under autograd (the reference path) the broken adapter's backward reaches only its own rows' inputs."""
+    m = _two_adapters(nn.Linear(8, 8))
+    with torch.no_grad():
+        deltaw.state(m).layers["layer"].lora_B["b"].fill_(float("nan"))
+    x = _input("linear").requires_grad_()
+    with per_row(m, ["a", None, "a", "a", "a", "b"]):
+        m(x)[:5].sum().backward()
+    assert torch.isfinite(x.grad[:5]).all()  # (row 5's own input gets 0 · NaN through the broken B: NaN)
+    assert torch.isfinite(deltaw.state(m).layers["layer"].lora_A["a"].grad).all()
+
+
+def test_fp16_overflow_of_an_unused_adapter_does_not_reach_other_rows():
+    """Finite fp16 factors whose product overflows to inf on a row that does not use them: zeroed exactly (masked),
+    not multiplied by 0 (dense and padded grouped alike)."""
+    m = _two_adapters(nn.Linear(8, 8)).half()
+    with torch.no_grad():
+        deltaw.state(m).layers["layer"].lora_A["b"].fill_(60000.0)  # x·Aᵀ overflows fp16 for any ordinary x
+    x = _input("linear").half()
+    rows = ["a", None, "a", "a", "a", "b"]
+    for strategy in ("dense", "grouped"):
+        with torch.no_grad(), per_row(m, rows, strategy=strategy):
+            y = m(x)
+        assert torch.isfinite(y[:5]).all(), strategy
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "native", "rowwise", "dense"])
+def test_data_swap_inside_a_context_is_seen(strategy):
+    """A ``.data`` swap keeps the version counter: the packs (and the native kernel's pointers) were kept."""
+    m = _two_adapters(nn.Linear(8, 8))
+    layer = deltaw.state(m).layers["layer"]
+    rows, x = ["a", "b", "a", None], torch.randn(4, 1, 8)
+    with torch.no_grad(), per_row(m, rows, strategy=strategy):
+        m(x)
+        layer.lora_B["a"].data = torch.randn(8, 4)
+        got = m(x)
+    with torch.no_grad(), deltaw.using(m, "a"):
+        torch.testing.assert_close(got[:1], m(x[:1]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["grouped", "rowwise", "dense"])
+def test_clear_cache_reaches_an_open_context(strategy):
+    """A write through ``.data`` in place changes neither storage nor version: ``clear_cache()`` is the documented
+    remedy, and it now also makes an open context re-pack."""
+    m = _two_adapters(nn.Linear(8, 8))
+    layer = deltaw.state(m).layers["layer"]
+    rows, x = ["a", "b", "a", None], torch.randn(4, 1, 8)
+    with torch.no_grad(), per_row(m, rows, strategy=strategy):
+        m(x)
+        layer.lora_B["a"].data.mul_(3.0)
+        clear_cache()
+        got = m(x)
+    with torch.no_grad(), deltaw.using(m, "a"):
+        torch.testing.assert_close(got[:1], m(x[:1]), rtol=1e-5, atol=1e-5)
+
+
+def _gpt2_with_embedding_adapter() -> nn.Module:
+    torch.manual_seed(0)
+    m = tiny_gpt2().eval()
+    deltaw.attach(m, deltaw.LoraConfig(r=2, target_modules=["wte", "wpe"], init="gaussian"), "a")
+    with torch.no_grad():
+        for p in deltaw.adapter_parameters(m):
+            p.normal_()
+    return m
+
+
+def test_a_real_batch_of_one_is_not_broadcast_to_the_rows():
+    """GPT-2's (1, T) position ids are looked up once for every row and broadcast; token ids of a batch of one
+    looked the same to the layer, so one input row with two specs came back as two rows."""
+    m = _gpt2_with_embedding_adapter()
+    ids = torch.randint(0, 64, (1, 5))
+    with pytest.raises(deltaw.DeltawError, match="given 2 rows but a layer received a batch of 1"):
+        with per_row(m, ["a", None]), torch.inference_mode():
+            m(ids)
+    assert not m._forward_pre_hooks, "per_row removes its hook"
+
+
+def test_position_ids_broadcast_to_k_entries_per_row():
+    """Beam layout (k consecutive entries per row) with GPT-2's (1, T) position ids: the lookup is broadcast to
+    k·B entries, each with its row's delta (it was broadcast to B and the model failed on the shapes)."""
+    m = _gpt2_with_embedding_adapter()
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    with per_row(m, ["a", None]), torch.inference_mode():
+        got = m(ids.repeat_interleave(2, 0)).logits
+    with torch.inference_mode():
+        for row, spec in enumerate(["a", None]):
+            with deltaw.using(m, spec):
+                alone = m(ids[row:row + 1]).logits
+            for j in range(2):
+                torch.testing.assert_close(got[2 * row + j:2 * row + j + 1], alone, rtol=1e-5, atol=1e-5)
