@@ -338,8 +338,12 @@ def delete(model: nn.Module, name: str) -> None:
     for path in info.modules:  # (before anything changes: a parametrized factor cannot be deleted like the rest)
         st.layers[path].require_plain_factors(name)
     st.set_active(tuple((n, w) for n, w in st.active if n != name))
+    from .batching.kernels import forget_adapter  # (here: the batching package imports this module)
     for path in info.modules:
-        st.layers[path].delete_adapter(name)
+        layer = st.layers[path]
+        if name in layer.serial:
+            forget_adapter(layer, name, layer.serial[name])
+        layer.delete_adapter(name)
     for wrapper in st.saved_modules.values():
         if name in wrapper.modules_to_save:
             wrapper.delete_adapter(name)

@@ -86,6 +86,25 @@ def clear_cache() -> None:
     _device_const.cache_clear()
 
 
+def forget_adapter(layer: LoraLayer, name: str, serial: int) -> None:
+    """Drop the packs of ``layer`` built from adapter ``name`` (its ``serial``): called when it is deleted, so
+    that its copies do not stay in the cache (a serving LRU that deletes adapters to stay within a memory
+    budget would otherwise still hold them, up to ``CACHE_ENTRIES_PER_LAYER`` packs per layer)."""
+    entries = _CACHE.get(layer)
+    if entries:
+        for key in [k for k in entries if _mentions(k, name, serial)]:
+            del entries[key]
+
+
+def _mentions(key: object, name: str, serial: int) -> bool:
+    """Whether a pack key holds the ``_identity`` of (name, serial), at any depth."""
+    if not isinstance(key, tuple):
+        return False
+    if len(key) > 1 and key[0] == name and key[1] == serial:
+        return True
+    return any(_mentions(k, name, serial) for k in key)
+
+
 def _cached(layer: LoraLayer, key: Hashable, build: Callable[[], object]) -> object:
     entries = _CACHE.get(layer)
     if entries is None:

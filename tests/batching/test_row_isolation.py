@@ -152,3 +152,25 @@ def test_position_ids_broadcast_to_k_entries_per_row():
                 alone = m(ids[row:row + 1]).logits
             for j in range(2):
                 torch.testing.assert_close(got[2 * row + j:2 * row + j + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_deleting_an_adapter_drops_its_packs():
+    """Packs kept between contexts outlived a deleted adapter (up to 4 per layer): a serving LRU that deletes
+    adapters to stay within a memory budget still held their copies (found in review). Other adapters' packs stay."""
+    from deltaw.batching import cache_nbytes
+    m = _two_adapters(nn.Linear(8, 8))
+    deltaw.attach(m, deltaw.LoraConfig(r=4, target_modules=["layer"]), "c")
+    clear_cache()
+    x = torch.randn(4, 1, 8)
+    with torch.no_grad():
+        with per_row(m, ["a", "b", "a", None], strategy="grouped"):
+            m(x)
+        with per_row(m, ["c", "c", "a", None], strategy="grouped"):
+            m(x)
+    both = cache_nbytes()
+    deltaw.delete(m, "b")
+    kept = cache_nbytes()
+    assert 0 < kept < both
+    with torch.no_grad(), per_row(m, ["c", "c", "a", None], strategy="grouped"):
+        m(x)
+    assert cache_nbytes() == kept, "the pack of the other rows was kept, not rebuilt"
