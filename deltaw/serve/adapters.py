@@ -53,6 +53,10 @@ class Wait(Exception):
     """The adapter cannot be made resident right now (budget held by running sequences); retry after a step."""
 
 
+class Draining(Wait):
+    """The adapter is being unloaded once its running sequences finish: requests for it wait, others go on."""
+
+
 class AdapterStore:
     """Resident adapters of one model, an LRU over them under ``budget`` bytes, and on-demand loading."""
 
@@ -152,7 +156,7 @@ class AdapterStore:
         r = self._lru.get(name)
         if r is not None:
             if r.draining:
-                raise Wait(name)
+                raise Draining(name)
             self.metrics.cache_hits.inc()
         else:
             try:

@@ -44,6 +44,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 OPEN_PATHS = frozenset({"/health"})
+# How often a non-streaming request asks whether its client is still there while tokens keep arriving (a row of a
+# gone client holds its batch slot and its adapter until max_tokens otherwise).
+DISCONNECT_CHECK_S = 0.25
 _ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/v1/adapters", "/health",
               "/metrics")
 
@@ -378,14 +381,19 @@ def create_app(server: DeltawServer) -> FastAPI:
 
         if not params.stream:
             try:
+                loop = asyncio.get_running_loop()
+                checked = loop.time()
                 while not all(c.done for c in choices):
                     event = await next_event(1.0)
-                    if event is None:
+                    # The server does not cancel a non-streaming handler when its client goes away, and tokens
+                    # arrive every step: ask at most every DISCONNECT_CHECK_S, not only when nothing came for 1 s.
+                    if event is None or loop.time() - checked >= DISCONNECT_CHECK_S:
+                        checked = loop.time()
                         if await request.is_disconnected():
                             cancel_all()
                             return Response(status_code=499)
-                        continue
-                    apply(event)
+                    if event is not None:
+                        apply(event)
             except asyncio.CancelledError:
                 cancel_all()
                 raise

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import AdapterStore, Wait
+from .adapters import AdapterStore, Draining, Wait
 from .engine import DecodeBatch, Seq, choose_tokens, embed
 from .errors import APIError, adapter_load_failed, bad_request, overloaded, server_error
 from .metrics import Metrics
@@ -102,8 +102,10 @@ class Scheduler:
         with self._cond:
             if self._stop:
                 raise overloaded("the server is shutting down", code="shutting_down")
-            if len(self._queue) + len(items) > self.settings.max_queue:
-                raise APIError(429, f"too many queued sequences ({len(self._queue)}; limit {self.settings.max_queue})"
+            # (entries whose clients went away do not count: the scheduler answers and drops them next step)
+            queued = sum(not x.cancelled for x in self._queue)
+            if queued + len(items) > self.settings.max_queue:
+                raise APIError(429, f"too many queued sequences ({queued}; limit {self.settings.max_queue})"
                                     "; retry later", type="rate_limit_error", code="queue_full")
             self._queue.extend(items)
             self.metrics.queued.set(len(self._queue))
@@ -206,6 +208,8 @@ class Scheduler:
                     self.batch.close_rows()  # loading mutates the model
                 try:
                     self.store.acquire(item.adapter)
+                except Draining:
+                    continue  # stays queued; no budget is involved, so the requests behind it go on
                 except Wait:
                     break  # FIFO: admit nothing behind it, so running rows drain and free the budget
                 except APIError as exc:
@@ -231,6 +235,15 @@ class Scheduler:
                 self._queue = deque(x for x in self._queue if id(x) not in drop)
         return chosen
 
+    def _drop_cancelled(self) -> None:
+        """Answer and drop queued items whose clients went away."""
+        with self._cond:
+            gone = [x for x in self._queue if x.cancelled]
+            if gone:
+                self._queue = deque(x for x in self._queue if not x.cancelled)
+        for item in gone:
+            item.emit(("done", "cancelled"))
+
     def _heads_compatible(self, items: Sequence[Any]) -> bool:
         """Rows of one batch must share every modules_to_save copy (e.g. a retrained lm_head); adapters without
         saved modules always fit. Checked with the plan ``per_row`` itself would build."""
@@ -248,6 +261,7 @@ class Scheduler:
     def _admit(self) -> bool:
         room = self.settings.max_batch_size - len(self.batch.rows)
         if room <= 0:
+            self._drop_cancelled()  # (``_take`` does it otherwise: a full batch must not keep dead entries)
             return False
         seqs: list[Seq] = self._take(room, lambda s: len(s.prompt))
         if not seqs:

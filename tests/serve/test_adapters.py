@@ -464,3 +464,122 @@ def test_a_loaded_adapter_whose_folder_was_deleted_is_still_a_model(private_root
                             "model_not_found")
     finally:
         thread.stop()
+
+
+def test_non_streaming_request_is_reaped_while_its_tokens_keep_coming(private_root, tokenizer):
+    """With every forward slowed (a token every ~20 ms, so an event always arrives within the 1 s idle wait),
+    the disconnect of a non-streaming client was never asked for: the row ran to max_tokens (found in review;
+    the test above slows only the decode step's Python and passed before)."""
+    import asyncio
+
+    server, thread, url = start_server(private_root, tokenizer, max_tokens_limit=120)
+    forward = server.scheduler.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.02)
+        return forward(*args, **kwargs)
+
+    server.scheduler.model.forward = slow_forward
+
+    async def give_up() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            body = {"model": "a0", "prompt": "w1", "max_tokens": 120, "temperature": 0}
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.post(f"{url}/v1/completions", json=body), 0.5)
+
+    try:
+        asyncio.run(give_up())
+        deadline = time.monotonic() + 1.0
+        while server.scheduler.batch.rows and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not server.scheduler.batch.rows, "the row of a gone client kept generating"
+        assert server.metrics.generated_tokens.value() < 100
+    finally:
+        thread.stop()
+
+
+def _scheduler(root, **settings):
+    """A started Scheduler over a tiny Llama whose forward is slowed (~10 ms), with its store."""
+    from deltaw.serve.adapters import AdapterStore
+    from deltaw.serve.metrics import Metrics
+    from deltaw.serve.scheduler import Scheduler
+    from deltaw.serve.settings import ServeSettings
+    from serve_helpers import make_llama
+
+    st = ServeSettings(max_wait_ms=0.0, **settings)
+    metrics = Metrics(st.max_batch_size)
+    model = make_llama()
+    forward = model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.01)
+        return forward(*args, **kwargs)
+
+    model.forward = slow_forward
+    store = AdapterStore(model, root, st.max_adapter_memory, metrics, reserved=("tiny",))
+    sched = Scheduler(model, store, st, metrics, eos_ids=[2], pad_id=0)
+    sched.start()
+    return sched, store
+
+
+def _seq(prompt, adapter, max_tokens):
+    from deltaw.serve.engine import Seq
+
+    done = threading.Event()
+    events: list = []
+
+    def emit(event):
+        events.append(event)
+        if event[0] in ("done", "error"):
+            done.set()
+
+    return Seq(prompt=list(prompt), adapter=adapter, max_tokens=max_tokens, emit=emit), done, events
+
+
+def test_a_draining_adapter_does_not_hold_up_the_requests_behind_it(private_root):
+    """A request for an adapter being unloaded (DELETE while its rows run) waited at the head of the queue and,
+    FIFO, kept every request behind it out of a batch with free rows until the long row finished (found in
+    review)."""
+    sched, store = _scheduler(private_root, max_batch_size=8)
+    try:
+        long, long_done, _ = _seq([1, 10], "a0", 100)  # ~1 s at ~10 ms per step
+        sched.submit([long])
+        deadline = time.monotonic() + 10
+        while not sched.batch.rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sched.call(lambda: store.unload("a0")).result(5)["status"] == "draining"
+        waiting, waiting_done, _ = _seq([1, 11], "a0", 3)
+        base, base_done, _ = _seq([1, 12], None, 3)
+        other, other_done, _ = _seq([1, 13], "a1", 3)
+        for item in (waiting, base, other):
+            sched.submit([item])
+        assert base_done.wait(5) and other_done.wait(5)
+        assert not long_done.is_set(), "the base and a1 requests ran while a0 drained"
+        assert long_done.wait(30) and waiting_done.wait(30)  # then a0 is loaded again for the waiting one
+    finally:
+        sched.stop()
+
+
+def test_cancelled_queued_requests_do_not_fill_the_queue(private_root):
+    """While the batch was full, requests whose clients had gone stayed queued and counted against --max-queue:
+    a live client got 429 behind dead entries (found in review)."""
+    sched, _ = _scheduler(private_root, max_batch_size=1, max_queue=3)
+    try:
+        long, long_done, _ = _seq([1, 10], "a0", 100)
+        sched.submit([long])
+        deadline = time.monotonic() + 10
+        while not sched.batch.rows and time.monotonic() < deadline:
+            time.sleep(0.01)
+        dead = [_seq([1, 11 + i], None, 5) for i in range(3)]
+        for item, _, _ in dead:
+            sched.submit([item])
+        for item, _, _ in dead:
+            item.cancelled = True
+        live, live_done, _ = _seq([1, 20], None, 2)
+        sched.submit([live])  # raised APIError 429 before
+        for _, done, events in dead:
+            assert done.wait(2) and events[-1] == ("done", "cancelled")
+        assert not long_done.is_set(), "the dead entries were answered while the batch was still full"
+        assert live_done.wait(30)
+    finally:
+        sched.stop()
