@@ -253,9 +253,9 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     # Set per instance in __init__ (class defaults for layers pickled before they existed): the prefill order.
     _into_ok = False
     _in_f = 0
-    # A subclass's decode plan (``LoraLinear``): derived from ``state.live`` and the factors, checked on every
-    # use, and dropped wherever the factors may go away (delete) or move (``_apply``), so it never keeps a
-    # deleted adapter's memory alive.
+    # A subclass's decode plan (``LoraLinear``): derived from the factors, checked on every use, and dropped
+    # wherever the layer's adapters change (add, delete) or move (``_apply``), so it never keeps a deleted
+    # adapter's memory alive.
     _decode = None
     _plain_base: type | None = None  # set in __init__: the base's type where base_forward may stand in for it
 
@@ -393,6 +393,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         self.scaling[name] = scaling
         self.dropout_p[name] = dropout
         self.serial[name] = next(_SERIALS)
+        object.__setattr__(self, "_decode", None)  # (its entries name this layer's adapters)
 
     def delete_adapter(self, name: str) -> None:
         object.__setattr__(self, "_decode", None)

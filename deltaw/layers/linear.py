@@ -22,22 +22,41 @@ _is_tracing = native._is_tracing
 _fwad = native._fwad
 
 
-class _DecodePlan(NamedTuple):
-    """What a decode step of one layer needs from its live adapters, checked once per activation: see
-    ``LoraLinear.forward``. ``terms``: (name, weight, A, B, A's and B's data pointers, r) per live adapter on this
-    layer, in ``state.live`` order; empty where the plan does not apply (a factor that is not a plain contiguous
-    fp32 CPU Parameter, a rank above the kernel's, no kernel here, a subclass with its own update)."""
-    live: tuple  # the ``state.live`` it was built for: compared by identity (a new tuple on every change)
-    terms: tuple[tuple[str, float, nn.Parameter, nn.Parameter, int, int, int], ...]
-    max_x: int  # x.numel() up to which a call is a decode step (native.MAX_TOKENS tokens)
-    in_f: int
-    out_f: int
-    gemv: Callable[..., int] | None
-    cls: type  # the class it was made for (a ``__class__`` swap plans again)
-    # (name, A, B) of the live adapters when a factor was refused for something that may be put back (a plain
-    # tensor swapped in by ``functional_call``, a non-contiguous view): a call plans again once one is replaced.
-    # Empty when nothing was refused, or when a factor is of another dtype or device (a bf16 or CUDA model).
-    recheck: tuple[tuple[str, torch.Tensor | None, torch.Tensor | None], ...]
+class _DecodePlan:
+    """What a decode step of one layer needs, found once and checked on every use: see ``LoraLinear.forward``.
+
+    ``terms`` holds an entry per adapter name seen live on this layer, filled as names go live and kept across
+    activations, so that switching to a resident adapter does no per-layer work on the next step (a plan per
+    active set cost ~1.6 ms on the first step after every switch, 210 layers): (A, B, A's and B's data
+    pointers, r) for factors the kernel takes; ``_SKIP`` for an adapter of other layers; a ``_Refused`` stamp
+    for factors it does not take. ``ok``: False where the plan does not apply at all (a subclass with its own
+    update, no kernel here); ``gemv`` is fetched with the first accepted factors (a CUDA model never compiles
+    the CPU library)."""
+
+    __slots__ = ("terms", "max_x", "in_f", "out_f", "gemv", "cls", "ok")
+
+    def __init__(self, in_f: int, out_f: int, cls: type, ok: bool) -> None:
+        self.terms: dict[str, object] = {}
+        self.max_x = native.MAX_TOKENS * in_f  # x.numel() up to which a call is a decode step
+        self.in_f, self.out_f = in_f, out_f
+        self.gemv: Callable[..., int] | None = None
+        self.cls = cls  # the class it was made for (a ``__class__`` swap plans again)
+        self.ok = ok
+
+
+_SKIP = object()  # a live adapter that has no factors on this layer (an adapter of other layers)
+
+
+class _Refused(NamedTuple):
+    """Factors the kernel does not take (another dtype or device, a plain tensor from ``functional_call``, a
+    non-contiguous view, a rank above the kernel's): the general path runs while the same tensors hold the same
+    memory and dtype; any change plans this adapter again."""
+    a: torch.Tensor
+    b: torch.Tensor
+    pa: int
+    pb: int
+    a_dtype: torch.dtype
+    b_dtype: torch.dtype
 
 
 def _layout_fits(a: torch.Tensor, b: torch.Tensor, r: int, in_f: int, out_f: int) -> bool:
@@ -104,13 +123,13 @@ class LoraLinear(LoraLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """A decode step (up to ``native.MAX_TOKENS`` tokens, inference, fp32 CPU) skips the general path's
-        per-call lookups: the plan finds the live factors once per activation, and a call checks x and y, that
-        each factor is still the Parameter in its dict with the planned memory and layout (a replaced parameter,
-        dict or ``.data`` shows), then runs the kernel per live adapter with ``add_lora_``'s arithmetic, in its
-        order: the general path's bits.
+        per-call lookups: the plan finds each live adapter's factors once (kept across activations), and a call
+        checks x and y, that each factor is still the Parameter in its dict with the planned memory and layout (a
+        replaced parameter, dict or ``.data`` shows), then runs the kernel per live adapter with ``add_lora_``'s
+        arithmetic, in its order: the general path's bits.
         Why: this runs ~200 times per decoded token, each right after a GEMV that streamed MBs of weight through
-        the caches, so every object touched is a cache miss (135M shape, B = 1, same-process A/Bs of 100-300
-        steps: 1.090 -> 1.077, 1.098 -> 1.087, 1.083 -> 1.082x the base step: small, near the noise).
+        the caches, so every object touched is a cache miss (135M shape, B = 1, same-process A/Bs: 1.090 ->
+        1.077, 1.098 -> 1.087, 1.083 -> 1.082, 1.086 -> 1.078x the base step: small, near the noise).
         Anything else (autograd, training with dropout, prefill, per_row, disabled, hooks, autocast, other dtypes,
         devices or shapes, tracing, tensor subclasses) takes ``LoraLayer.forward``."""
         # (no plan from fakes or a trace; forward AD needs torch ops to carry the tangents)
@@ -118,84 +137,101 @@ class LoraLinear(LoraLayer):
             return super().forward(x)
         state: AdapterState = self._state
         plan = self._decode
-        if (plan is None or plan[0] is not state.live or plan[6] is not type(self)
-                or plan[7] and self._factors_replaced(plan[7])):
-            plan = self._plan_decode(state)
-        _, terms, max_x, in_f, out_f, gemv, _, _ = plan
-        if (terms and 0 < (nx := x.numel()) <= max_x and nx < layers_base.START_MIN_TOKENS * in_f
-                and state.rows is None and not state._disabled_depth
-                and not (self.training and any(self.dropout_p[t[0]] > 0.0 for t in terms))):
+        if plan is None or plan.cls is not type(self):
+            plan = self._plan_decode()
+        live = state.live
+        if (plan.ok and live and 0 < (nx := x.numel()) <= plan.max_x
+                and nx < layers_base.START_MIN_TOKENS * plan.in_f and state.rows is None
+                and not state._disabled_depth
+                and not (self.training and any(self.dropout_p.get(n, 0.0) > 0.0 for n, _ in live))):
             base = self._modules["base_layer"]
             # (runs_directly, inlined: a method call is one more cache miss per module)
             if type(base) is self._plain_base and not (
                     base._forward_hooks or base._forward_pre_hooks or base._backward_hooks
                     or base._backward_pre_hooks or "forward" in base.__dict__ or _global_hooks()):
                 y = self.base_forward(x, base._parameters["weight"])
+                in_f = plan.in_f
                 n = nx // in_f
                 if (type(y) is _TENSOR and y.dtype is _F32 and x.dtype is _F32 and x.is_cpu and x.is_contiguous()
-                        and y.is_contiguous() and n * in_f == nx and y.numel() == n * out_f):
-                    return self._decode_into(plan, y, x, n)
+                        and y.is_contiguous() and n * in_f == nx and y.numel() == n * plan.out_f):
+                    return self._decode_into(plan, live, y, x, n)
                 return self.add_live(state, x, y)  # (autocast, another dtype, device or shape)
         return super().forward(x)
 
-    def _decode_into(self, plan: _DecodePlan, y: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-        """y (n tokens) += every planned term, once each factor is checked to be the one planned."""
-        _, terms, _, in_f, out_f, gemv, _, _ = plan
+    def _decode_into(self, plan: _DecodePlan, live: tuple, y: torch.Tensor, x: torch.Tensor,
+                     n: int) -> torch.Tensor:
+        """y (n tokens) += every live term, once each factor is checked to be the one planned."""
+        terms, in_f, out_f = plan.terms, plan.in_f, plan.out_f
         a_params, b_params = self._a_params, self._b_params  # (as they are now: a replaced ParameterDict shows)
-        for name, _, a, b, pa, pb, r in terms:
-            if (a_params.get(name) is not a or b_params.get(name) is not b or a.data_ptr() != pa
-                    or b.data_ptr() != pb or not _layout_fits(a, b, r, in_f, out_f)):
-                object.__setattr__(self, "_decode", None)  # changed since planned: plan again on the next call
-                return self.add_live(self._state, x, y)
+        for name, _ in live:
+            t = terms.get(name)
+            if t is _SKIP:
+                continue
+            if (type(t) is not tuple or a_params.get(name) is not t[0] or b_params.get(name) is not t[1]
+                    or t[0].data_ptr() != t[2] or t[1].data_ptr() != t[3] or not _layout_fits(*t[:2], t[4], in_f, out_f)):
+                # not planned yet, refused, or changed since planned: plan this adapter (again)
+                t = self._plan_term(plan, name)
+                if type(t) is not tuple and t is not _SKIP:
+                    return self.add_live(self._state, x, y)  # (the kernel does not take these factors)
         try:
             py, px = y.data_ptr(), x.data_ptr()
         except RuntimeError:  # (functorch's vmap wrappers have no storage)
             return self.add_live(self._state, x, y)
         threads = native._gemv_threads() if n >= _SPLIT_TOKENS else 1
-        scaling = self.scaling
-        for i, (name, weight, _, _, pa, pb, r) in enumerate(terms):
+        gemv, scaling = plan.gemv, self.scaling
+        for i, (name, weight) in enumerate(live):
+            t = terms[name]
+            if t is _SKIP:
+                continue
             scale = weight * scaling[name]
             # (a weight-0 term adds nothing, NaN factors included, as in add_live)
-            if scale != 0.0 and gemv(py, px, pa, pb, n, r, in_f, out_f, scale, threads) != 0:
+            if scale != 0.0 and gemv(py, px, t[2], t[3], n, t[4], in_f, out_f, scale, threads) != 0:
                 # The kernel declined (an allocation failed): this term and the rest through add_lora_, which
                 # may return a new y.
-                for name, weight, *_ in terms[i:]:
+                for name, weight in live[i:]:
                     scale = weight * scaling[name]
-                    if scale != 0.0:
+                    if terms[name] is not _SKIP and scale != 0.0:
                         y = self.add_lora_(y, x, name, scale)
                 return y
         return y
 
-    def _plan_decode(self, state: AdapterState) -> _DecodePlan:
-        """The decode plan for ``state.live`` (kept on the layer until the next change of it)."""
+    def _plan_decode(self) -> _DecodePlan:
+        """A fresh plan for this layer (kept until its adapters or the module change: ``delete_adapter``,
+        ``add_adapter``, ``_apply``, a class swap)."""
         in_f, out_f = self._features()
-        a_params, b_params = self._a_params, self._b_params
-        terms, recheck = [], ()
-        for name, weight in state.live:
-            a, b = a_params.get(name), b_params.get(name)
-            if a is None or b is None:
-                self.require_plain_factors(name)  # (raises unless the adapter is not on this layer at all)
-                continue
-            r = a.shape[0] if a.dim() else 0
-            same_kind = a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu  # (as the model's: lasting)
-            if not (same_kind and type(a) is _PARAMETER and type(b) is _PARAMETER and 0 < r <= native.MAX_RANK
-                    and _layout_fits(a, b, r, in_f, out_f)):
-                if same_kind:
-                    recheck = tuple((n, a_params.get(n), b_params.get(n)) for n, _ in state.live)
-                terms = []
-                break
-            terms.append((name, weight, a, b, a.data_ptr(), b.data_ptr(), r))
-        # (the library only once the factors are known to be CPU ones: a CUDA model never compiles it)
-        gemv = native.gemv_function() if terms and self._decode_applies() else None
-        if gemv is None:
-            terms = []
-        plan = _DecodePlan(state.live, tuple(terms), native.MAX_TOKENS * in_f, in_f, out_f, gemv, type(self), recheck)
+        plan = _DecodePlan(in_f, out_f, type(self), self._decode_applies())
         object.__setattr__(self, "_decode", plan)
         return plan
 
-    def _factors_replaced(self, recheck: tuple[tuple[str, torch.Tensor | None, torch.Tensor | None], ...]) -> bool:
+    def _plan_term(self, plan: _DecodePlan, name: str) -> object:
+        """The entry of adapter ``name`` (stored in ``plan.terms`` and returned): see ``_DecodePlan``. A refusal
+        already stamped for the same tensors, memory and dtypes is returned as it is."""
         a_params, b_params = self._a_params, self._b_params
-        return any(a_params.get(n) is not a or b_params.get(n) is not b for n, a, b in recheck)
+        a, b = a_params.get(name), b_params.get(name)
+        if a is None or b is None:
+            self.require_plain_factors(name)  # (raises unless the adapter is not on this layer at all)
+            plan.terms[name] = _SKIP
+            return _SKIP
+        old = plan.terms.get(name)
+        if (type(old) is _Refused and old.a is a and old.b is b and old.a_dtype is a.dtype and old.b_dtype is b.dtype
+                and old.pa == a.data_ptr() and old.pb == b.data_ptr()):
+            return old
+        r = a.shape[0] if a.dim() else 0
+        entry: object
+        if (a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu and type(a) is _PARAMETER
+                and type(b) is _PARAMETER and 0 < r <= native.MAX_RANK
+                and _layout_fits(a, b, r, plan.in_f, plan.out_f)):
+            if plan.gemv is None:
+                # (the library only once the factors are known to be CPU ones: a CUDA model never compiles it)
+                plan.gemv = native.gemv_function()
+                plan.ok = plan.gemv is not None
+            entry = (a, b, a.data_ptr(), b.data_ptr(), r)
+        else:
+            entry = _Refused(a, b, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)
+        if not plan.ok:
+            entry = _Refused(a, b, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)
+        plan.terms[name] = entry
+        return entry
 
     @classmethod
     def _decode_applies(cls) -> bool:
