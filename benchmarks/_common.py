@@ -245,9 +245,11 @@ class Target:
     label: str = ""
 
     def check(self, r: Result) -> bool:
+        """The bound, and the result's own checks: ``exact`` (a merge restored W0 bit for bit) and ``agrees``
+        (deltaw computed what PEFT did, and not what the base model does: a fast run of inactive adapters fails)."""
         value = r.ratio() if self.kind == "ratio" else r.deltaw_ms
         ok = value is not None and value <= self.bound
-        return ok and r.extra.get("exact", True)
+        return ok and r.extra.get("exact", True) and r.extra.get("agrees", True)
 
     def describe(self) -> str:
         return self.label or (f"≤ {self.bound:.2f}× base" if self.kind == "ratio" else f"≤ {self.bound:g} ms")
@@ -333,9 +335,38 @@ def _run_all():
     return module
 
 
+def agreement(dw_out: torch.Tensor, peft_out: torch.Tensor, base_out: torch.Tensor | None) -> tuple[bool, str]:
+    """(ok, note): deltaw's output equals PEFT's (fp32 tolerance) and, where a base output is given, differs from
+    it -- so a run whose adapters were silently inactive (as fast as the base) cannot pass."""
+    diff = (dw_out.float() - peft_out.float()).abs().max().item()
+    ok = diff <= 1e-4 * max(1.0, peft_out.float().abs().max().item())
+    note = f"max |deltaw - PEFT| {diff:.1e}"
+    if base_out is not None:
+        moved = (dw_out.float() - base_out.float()).abs().max().item()
+        ok = ok and moved > 1e-3
+        note += f", vs base {moved:.2f}"
+    return ok, note
+
+
+def merged_as_expected(model: nn.Module, name: str, before: dict[str, torch.Tensor]) -> tuple[bool, str]:
+    """(ok, note): every adapted weight of ``model`` (merged with ``name`` alone) equals W0 + scaling · ΔW from
+    its own factors (fp32 tolerance) and differs from W0 -- a merge that did nothing would pass an exactness
+    check of the unmerge alone."""
+    worst, moved = 0.0, 0.0
+    with torch.no_grad():
+        for path, layer in deltaw.state(model).layers.items():
+            w0 = before[f"{path}.base_layer.weight"]
+            delta = layer.delta_weight(layer.lora_A[name], layer.lora_B[name]) * layer.scaling[name]
+            w = layer.base_layer.weight
+            worst = max(worst, (w - (w0 + delta)).abs().max().item())
+            moved = max(moved, (w - w0).abs().max().item())
+    return worst <= 1e-5 and moved > 0.0, f"merged W = W0 + s·ΔW within {worst:.1e} (max change {moved:.3f})"
+
+
 def decode_result(env: Env, measure: str, batch: int, rows: list[str] | None, note: str = "") -> Result:
     """Time one decode step for base, deltaw and PEFT. ``rows``: per-row adapters (deltaw ``per_row``, PEFT
-    ``adapter_names=``); None: the single active adapter ad0, unmerged, on every row."""
+    ``adapter_names=``); None: the single active adapter ad0, unmerged, on every row. The outputs of one step
+    are compared after the timing (``agreement``)."""
     from deltaw.batching import cache_nbytes, clear_cache, per_row
     c = env.smol()
     deltaw.activate(c.dw, c.names[0])
@@ -344,24 +375,32 @@ def decode_result(env: Env, measure: str, batch: int, rows: list[str] | None, no
     peft_kwargs = {"adapter_names": rows} if rows is not None else {}
     peft_step = DecodeStep(c.peft, batch, **peft_kwargs)
     clear_cache()
+    prompt_ms = None
     if rows is None:
         dw_step = DecodeStep(c.dw, batch)
-        first_ms = None
         fns = {"base": base, "deltaw": dw_step, "peft": peft_step}
         with torch.inference_mode():
             times = time_interleaved(fns, repeats(env.quick, 30, 6), warmup=2)
+            agrees, check = agreement(dw_step(), peft_step(), base())
         packed = 0
     else:
         with per_row(c.dw, rows, strategy=env.strategy):
+            # The prompt's forward (CONTEXT tokens per row) is the first in the context: it packs the factors
+            # a strategy needs (once per generate); decode steps then reuse them.
+            t0 = time.perf_counter()
             dw_step = DecodeStep(c.dw, batch)
-            with torch.inference_mode():
-                first_ms = timed_ms(dw_step)  # the first step in a context packs the factors (once per generate)
+            prompt_ms = (time.perf_counter() - t0) * 1e3
             fns = {"base": base, "deltaw": dw_step, "peft": peft_step}
             times = time_interleaved(fns, repeats(env.quick, 30, 6), warmup=2)
+            with torch.inference_mode():
+                agrees, check = agreement(dw_step(), peft_step(), base())
         packed = cache_nbytes()
         clear_cache()
-    extra = {"first_step_ms": first_ms, "packed_mb": packed / 2**20}
+    extra = {"prompt_ms": prompt_ms, "packed_mb": packed / 2**20, "agrees": agrees}
     mem = adapter_bytes_deltaw(c.dw, c.names[0]) / 2**20
-    if first_ms is not None:
-        note = (note + " " if note else "") + f"first step (packs) {first_ms:.0f} ms, packed {packed / 2**20:.0f} MB"
-    return Result(measure, times["deltaw"], times["peft"], times["base"], mem, note, extra)
+    parts = [note] if note else []
+    if prompt_ms is not None:
+        parts.append(f"prompt forward ({CONTEXT} tokens per row, packing included) {prompt_ms:.0f} ms, packed "
+                     f"{packed / 2**20:.0f} MB")
+    parts.append(check)
+    return Result(measure, times["deltaw"], times["peft"], times["base"], mem, "; ".join(parts), extra)

@@ -8,7 +8,7 @@ import sys
 import torch
 
 import deltaw
-from _common import Result, Target, base_weights, repeats, standalone, summarize, timed_ms
+from _common import Result, Target, base_weights, merged_as_expected, repeats, standalone, summarize, timed_ms
 
 MEASURE = "merge_switch"
 TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
@@ -34,12 +34,14 @@ def run(env):
             if i:
                 dw_t.append(dw_ms)
                 peft_t.append(peft_ms)
+        right, check = merged_as_expected(c.dw, deltaw.merged(c.dw)[0][0], before)
         deltaw.unmerge(c.dw)
         c.peft.unmerge_adapter()
-    exact = all(torch.equal(before[k], v) for k, v in base_weights(c.dw).items())
+    exact = right and all(torch.equal(before[k], v) for k, v in base_weights(c.dw).items())
     c.peft.set_adapter(a)
     return Result(MEASURE, summarize(dw_t), summarize(peft_t), None,
-                  note=f"deltaw W0 exact after the switches and unmerge: {exact}", extra={"exact": exact})
+                  note=f"deltaw W0 exact after the switches and unmerge, last merge right: {exact} ({check})",
+                  extra={"exact": exact})
 
 
 if __name__ == "__main__":

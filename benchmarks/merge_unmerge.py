@@ -9,7 +9,7 @@ import sys
 import torch
 
 import deltaw
-from _common import Result, Target, base_weights, repeats, standalone, summarize, timed_ms
+from _common import Result, Target, base_weights, merged_as_expected, repeats, standalone, summarize, timed_ms
 
 MEASURE = "merge_unmerge"
 TARGET = Target(100.0, "ms", "≤ 100 ms, exact")
@@ -30,6 +30,9 @@ def run(env):
         c.peft.merge_adapter([name])
         c.peft.unmerge_adapter()
 
+    deltaw.merge(c.dw, name)
+    right, check = merged_as_expected(c.dw, name, before_dw)
+    deltaw.unmerge(c.dw)
     dw_t, peft_t = [], []
     with torch.no_grad():
         for i in range(repeats(env.quick, 10, 4) + 1):
@@ -40,10 +43,10 @@ def run(env):
             else:
                 first = dw_ms
     after_dw, after_peft = base_weights(c.dw), base_weights(c.peft)
-    exact = all(torch.equal(before_dw[k], after_dw[k]) for k in before_dw)
+    exact = right and all(torch.equal(before_dw[k], after_dw[k]) for k in before_dw)
     drift = max((after_peft[k].float() - v.float()).abs().max().item() for k, v in before_peft.items())
     med = summarize(dw_t), summarize(peft_t)
-    note = (f"deltaw exact: {exact}; first cycle (fresh memory) {first:.0f} ms; "
+    note = (f"deltaw exact: {exact} ({check}); first cycle (fresh memory) {first:.0f} ms; "
             f"PEFT max |ΔW0| after round trips: {drift:.1e}")
     return Result(MEASURE, med[0], med[1], None, note=note, extra={"exact": exact})
 
