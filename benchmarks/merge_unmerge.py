@@ -43,10 +43,14 @@ def run(env):
             else:
                 first = dw_ms
     after_dw, after_peft = base_weights(c.dw), base_weights(c.peft)
+    # (the steady state's price: the merged weights' memory an unmerge keeps for the next merge)
+    kept = sum(t.numel() * t.element_size() for layer in deltaw.state(c.dw).layers.values()
+               if isinstance(t := layer._spare, torch.Tensor))
     exact = right and all(torch.equal(before_dw[k], after_dw[k]) for k in before_dw)
     drift = max((after_peft[k].float() - v.float()).abs().max().item() for k, v in before_peft.items())
     med = summarize(dw_t), summarize(peft_t)
-    note = (f"deltaw exact: {exact} ({check}); first cycle (fresh memory) {first:.0f} ms; "
+    note = (f"deltaw exact: {exact} ({check}); first cycle (fresh memory) {first:.0f} ms; memory kept between "
+            f"cycles {kept / 2**20:.0f} MB (unmerge(keep_memory=False) gives it back); "
             f"PEFT max |ΔW0| after round trips: {drift:.1e}")
     return Result(MEASURE, med[0], med[1], None, note=note, extra={"exact": exact})
 
