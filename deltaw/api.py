@@ -344,6 +344,8 @@ def delete(model: nn.Module, name: str) -> None:
         if name in layer.serial:
             forget_adapter(layer, name, layer.serial[name])
         layer.delete_adapter(name)
+    for layer in st.layers.values():
+        layer.forget_plan()
     for wrapper in st.saved_modules.values():
         if name in wrapper.modules_to_save:
             wrapper.delete_adapter(name)

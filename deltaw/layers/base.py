@@ -395,6 +395,11 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         self.serial[name] = next(_SERIALS)
         object.__setattr__(self, "_decode", None)  # (its entries name this layer's adapters)
 
+    def forget_plan(self) -> None:
+        """Drop what this layer derived from its adapters for the decode step (a subclass's plan): when an
+        adapter goes, every layer forgets it, also those that only noted that it has no factors there."""
+        object.__setattr__(self, "_decode", None)
+
     def delete_adapter(self, name: str) -> None:
         object.__setattr__(self, "_decode", None)
         _drop(self._modules["lora_A"], name)

@@ -27,11 +27,13 @@ class _DecodePlan:
 
     ``terms`` holds an entry per adapter name seen live on this layer, filled as names go live and kept across
     activations, so that switching to a resident adapter does no per-layer work on the next step (a plan per
-    active set cost ~1.6 ms on the first step after every switch, 210 layers): (A, B, A's and B's data
-    pointers, r) for factors the kernel takes; ``_SKIP`` for an adapter of other layers; a ``_Refused`` stamp
-    for factors it does not take. ``ok``: False where the plan does not apply at all (a subclass with its own
-    update, no kernel here); ``gemv`` is fetched with the first accepted factors (a CUDA model never compiles
-    the CPU library)."""
+    active set cost ~1.6 ms on the first step after every switch, 210 layers): (A's and B's data pointers, r)
+    for factors the kernel takes; ``_SKIP`` for an adapter of other layers; a ``_Refused`` stamp for factors it
+    does not take. Entries hold no tensors (numbers only): a factor replaced while its adapter is not live is
+    never kept alive by the plan, and each call reads the current Parameters from the layer's dicts and checks
+    them against the entry. ``ok``: False where the plan does not apply at all (a subclass with its own update,
+    no kernel here); ``gemv`` is fetched with the first accepted factors (a CUDA model never compiles the CPU
+    library)."""
 
     __slots__ = ("terms", "max_x", "in_f", "out_f", "gemv", "cls", "ok")
 
@@ -48,15 +50,15 @@ _SKIP = object()  # a live adapter that has no factors on this layer (an adapter
 
 
 class _Refused(NamedTuple):
-    """Factors the kernel does not take (another dtype or device, a plain tensor from ``functional_call``, a
-    non-contiguous view, a rank above the kernel's): the general path runs while the same tensors hold the same
-    memory and dtype; any change plans this adapter again."""
-    a: torch.Tensor
-    b: torch.Tensor
-    pa: int
-    pb: int
-    a_dtype: torch.dtype
-    b_dtype: torch.dtype
+    """Parameters the kernel does not take (another dtype or device, a non-contiguous view, a rank above the
+    kernel's): the general path runs while the factors show the same memory, dtype, device and layout; any change
+    plans this adapter again. (Plain tensors, e.g. from ``functional_call``, are refused for the call only.)"""
+    a: tuple
+    b: tuple
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    return t.data_ptr(), t.dtype, t.device, t.shape, t.stride()
 
 
 def _layout_fits(a: torch.Tensor, b: torch.Tensor, r: int, in_f: int, out_f: int) -> bool:
@@ -160,37 +162,43 @@ class LoraLinear(LoraLayer):
 
     def _decode_into(self, plan: _DecodePlan, live: tuple, y: torch.Tensor, x: torch.Tensor,
                      n: int) -> torch.Tensor:
-        """y (n tokens) += every live term, once each factor is checked to be the one planned."""
+        """y (n tokens) += every live term, once each factor is checked to be what was planned."""
         terms, in_f, out_f = plan.terms, plan.in_f, plan.out_f
         a_params, b_params = self._a_params, self._b_params  # (as they are now: a replaced ParameterDict shows)
-        for name, _ in live:
+        todo = []  # (name, weight, A's and B's pointers, r) as checked: one read of each entry
+        for name, weight in live:
             t = terms.get(name)
-            if t is _SKIP:
-                continue
-            if (type(t) is not tuple or a_params.get(name) is not t[0] or b_params.get(name) is not t[1]
-                    or t[0].data_ptr() != t[2] or t[1].data_ptr() != t[3] or not _layout_fits(*t[:2], t[4], in_f, out_f)):
+            if t is _SKIP and name not in a_params:
+                continue  # (an adapter of other layers; factors set here since are planned below)
+            a, b = a_params.get(name), b_params.get(name)
+            try:
+                same = (type(t) is tuple and type(a) is _PARAMETER and type(b) is _PARAMETER and a.data_ptr() == t[0]
+                        and b.data_ptr() == t[1] and _layout_fits(a, b, t[2], in_f, out_f))
+            except RuntimeError:  # (a factor without storage)
+                return self.add_live(self._state, x, y)
+            if not same:
                 # not planned yet, refused, or changed since planned: plan this adapter (again)
                 t = self._plan_term(plan, name)
-                if type(t) is not tuple and t is not _SKIP:
+                if t is _SKIP:
+                    continue
+                if type(t) is not tuple:
                     return self.add_live(self._state, x, y)  # (the kernel does not take these factors)
+            todo.append((name, weight, t))
         try:
             py, px = y.data_ptr(), x.data_ptr()
         except RuntimeError:  # (functorch's vmap wrappers have no storage)
             return self.add_live(self._state, x, y)
         threads = native._gemv_threads() if n >= _SPLIT_TOKENS else 1
         gemv, scaling = plan.gemv, self.scaling
-        for i, (name, weight) in enumerate(live):
-            t = terms[name]
-            if t is _SKIP:
-                continue
+        for i, (name, weight, t) in enumerate(todo):
             scale = weight * scaling[name]
             # (a weight-0 term adds nothing, NaN factors included, as in add_live)
-            if scale != 0.0 and gemv(py, px, t[2], t[3], n, t[4], in_f, out_f, scale, threads) != 0:
+            if scale != 0.0 and gemv(py, px, t[0], t[1], n, t[2], in_f, out_f, scale, threads) != 0:
                 # The kernel declined (an allocation failed): this term and the rest through add_lora_, which
                 # may return a new y.
-                for name, weight in live[i:]:
+                for name, weight, _ in todo[i:]:
                     scale = weight * scaling[name]
-                    if terms[name] is not _SKIP and scale != 0.0:
+                    if scale != 0.0:
                         y = self.add_lora_(y, x, name, scale)
                 return y
         return y
@@ -204,32 +212,30 @@ class LoraLinear(LoraLayer):
         return plan
 
     def _plan_term(self, plan: _DecodePlan, name: str) -> object:
-        """The entry of adapter ``name`` (stored in ``plan.terms`` and returned): see ``_DecodePlan``. A refusal
-        already stamped for the same tensors, memory and dtypes is returned as it is."""
-        a_params, b_params = self._a_params, self._b_params
-        a, b = a_params.get(name), b_params.get(name)
+        """The entry of adapter ``name`` (stored in ``plan.terms`` and returned): see ``_DecodePlan``. Plain
+        tensors (``functional_call``) are refused for this call only, nothing stored."""
+        a, b = self._a_params.get(name), self._b_params.get(name)
         if a is None or b is None:
             self.require_plain_factors(name)  # (raises unless the adapter is not on this layer at all)
             plan.terms[name] = _SKIP
             return _SKIP
+        if type(a) is not _PARAMETER or type(b) is not _PARAMETER:
+            return None
+        try:
+            stamp = _Refused(_stamp(a), _stamp(b))
+        except RuntimeError:  # (no storage)
+            return None
         old = plan.terms.get(name)
-        if (type(old) is _Refused and old.a is a and old.b is b and old.a_dtype is a.dtype and old.b_dtype is b.dtype
-                and old.pa == a.data_ptr() and old.pb == b.data_ptr()):
-            return old
+        if old == stamp:
+            return old  # (refused before, nothing changed)
         r = a.shape[0] if a.dim() else 0
-        entry: object
-        if (a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu and type(a) is _PARAMETER
-                and type(b) is _PARAMETER and 0 < r <= native.MAX_RANK
-                and _layout_fits(a, b, r, plan.in_f, plan.out_f)):
-            if plan.gemv is None:
-                # (the library only once the factors are known to be CPU ones: a CUDA model never compiles it)
-                plan.gemv = native.gemv_function()
-                plan.ok = plan.gemv is not None
-            entry = (a, b, a.data_ptr(), b.data_ptr(), r)
-        else:
-            entry = _Refused(a, b, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)
-        if not plan.ok:
-            entry = _Refused(a, b, a.data_ptr(), b.data_ptr(), a.dtype, b.dtype)
+        takes = (a.dtype is _F32 and b.dtype is _F32 and a.is_cpu and b.is_cpu and 0 < r <= native.MAX_RANK
+                 and _layout_fits(a, b, r, plan.in_f, plan.out_f))
+        if takes and plan.ok and plan.gemv is None:
+            # (the library only once the factors are known to be CPU ones: a CUDA model never compiles it)
+            plan.gemv = native.gemv_function()
+            plan.ok = plan.gemv is not None
+        entry = (stamp.a[0], stamp.b[0], r) if takes and plan.ok else stamp
         plan.terms[name] = entry
         return entry
 

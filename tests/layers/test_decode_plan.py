@@ -503,3 +503,107 @@ def test_an_adapter_attached_to_a_layer_after_it_skipped_the_name_is_added(monke
     assert torch.equal(got, _general(model, x, monkeypatch))
     with torch.no_grad(), deltaw.using(model, "a"):
         assert not torch.equal(got, model(x)), "b's delta on layer 1 is missing"
+
+
+# ---- found in review of the per-adapter plan (each test failed on its first version) -------------------------
+def _two_layers() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 12)).eval()
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=8, target_modules=["0", "1"]), "a")
+    deltaw.attach(model, deltaw.LoraConfig(r=4, alpha=8, target_modules=["0"]), "b")
+    randomize(model, "a", seed=1)
+    randomize(model, "b", seed=2)
+    return model
+
+
+@needs_kernel
+def test_vmap_over_functional_call_factors_takes_the_general_path():
+    """Batched factors under vmap have no storage: stamping their refusal read their data pointer and raised."""
+    model = _single()
+    params = {k: torch.stack([v, 2 * v]) for k, v in model.named_parameters()}  # an ensemble of two
+
+    def f(p, x):
+        return torch.func.functional_call(model, p, (x,))
+
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        got = torch.func.vmap(f, in_dims=(0, None))(params, x)
+        for i in range(2):
+            one = {k: v[i] for k, v in params.items()}
+            torch.testing.assert_close(got[i], torch.func.functional_call(model, one, (x,)), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_factors_set_directly_on_a_layer_that_skipped_the_name_are_used(monkeypatch):
+    """A live adapter with no factors on a layer is skipped there; factors set on it later by hand (not through
+    attach) were skipped for good."""
+    model = _two_layers()
+    deltaw.activate(model, {"a": 1.0, "b": 1.0})
+    x = torch.randn(1, 16)
+    with torch.no_grad():
+        model(x)
+    layer = model[1]
+    layer.lora_A["b"] = nn.Parameter(torch.randn(4, 16))
+    layer.lora_B["b"] = nn.Parameter(torch.randn(12, 4))
+    layer.scaling["b"], layer.dropout_p["b"], layer.serial["b"] = 2.0, 0.0, 10**9
+    with torch.no_grad():
+        got = model(x)
+    assert torch.equal(got, _general(model, x, monkeypatch))
+
+
+@needs_kernel
+def test_the_plan_keeps_no_factor_alive():
+    """Entries held the factors they checked: a factor replaced while its adapter was not live
+    (``load_state_dict(assign=True)``) stayed in memory, as did a tensor swapped in by ``functional_call``."""
+    model = _two_layers()
+    x = torch.randn(1, 16)
+    for spec in ("a", "b"):
+        deltaw.activate(model, spec)
+        with torch.no_grad():
+            model(x)
+    old = weakref.ref(model[0].lora_A["a"])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    with torch.no_grad():
+        model(x)  # "b" live: "a"'s entry is not looked at
+    swapped = torch.randn(4, 16)
+    seen = weakref.ref(swapped)
+    with torch.no_grad():
+        torch.func.functional_call(model, {"0.lora_A.b": swapped}, (x,))
+    del swapped
+    gc.collect()
+    assert old() is None and seen() is None
+
+
+def test_deleted_adapters_leave_no_entries_on_layers_they_were_not_on():
+    """Every layer noted a live adapter it does not carry; deleting the adapter reset only the layers that
+    carried it, so a server that loads adapters under new names grew every other layer's plan without end."""
+    model = _two_layers()
+    x = torch.randn(1, 16)
+    for i in range(20):
+        deltaw.attach(model, deltaw.LoraConfig(r=2, target_modules=["0"]), f"u{i}")
+        deltaw.activate(model, {"a": 1.0, f"u{i}": 1.0})
+        with torch.no_grad():
+            model(x)
+        deltaw.delete(model, f"u{i}")
+    plan = model[1]._decode
+    assert plan is None or len(plan.terms) <= 2
+
+
+@needs_kernel
+def test_a_refusal_lifts_when_the_layout_comes_back_in_place(monkeypatch):
+    """The refusal stamp compared memory and dtype, not the layout: a factor re-viewed non-contiguous and
+    restored in place (``set_``) stayed refused."""
+    model = _single()
+    x = torch.randn(1, 16)
+    calls = _spy(monkeypatch, model)
+    a = model.layer.lora_A["a"]
+    with torch.no_grad():
+        model(x)
+        a.set_(a.untyped_storage(), 0, (4, 16), (1, 4))
+        model(x)
+        a.set_(a.untyped_storage(), 0, (4, 16), (16, 1))
+        calls.clear()
+        got = model(x)
+    assert calls, "still refused"
+    assert torch.equal(got, _general(model, x, monkeypatch))
