@@ -156,6 +156,7 @@ class Scheduler:
             self._commands.clear()
         for fn, fut in commands:
             self._run_command(fn, fut)
+        self._drop_cancelled()  # (every step: ``_take`` may stop before reaching them, e.g. behind a Wait)
         if self.kind == "encoder":
             progressed = self._embed_step()
         else:
@@ -261,7 +262,6 @@ class Scheduler:
     def _admit(self) -> bool:
         room = self.settings.max_batch_size - len(self.batch.rows)
         if room <= 0:
-            self._drop_cancelled()  # (``_take`` does it otherwise: a full batch must not keep dead entries)
             return False
         seqs: list[Seq] = self._take(room, lambda s: len(s.prompt))
         if not seqs:

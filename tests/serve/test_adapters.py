@@ -583,3 +583,35 @@ def test_cancelled_queued_requests_do_not_fill_the_queue(private_root):
         assert live_done.wait(30)
     finally:
         sched.stop()
+
+
+def test_cancelled_entries_behind_a_waiting_head_are_dropped(private_root, monkeypatch):
+    """Cancelled entries were dropped only when the batch was full or when admission reached them; behind a head
+    waiting for adapter memory (with free rows) they stayed, and since they no longer count against --max-queue
+    the queue grew without bound (found in review)."""
+    from deltaw.serve.adapters import Wait
+
+    sched, store = _scheduler(private_root, max_batch_size=8, max_queue=3)
+    real = store.acquire
+
+    def acquire(name):
+        if name == "a1":
+            raise Wait(name)
+        return real(name)
+
+    monkeypatch.setattr(store, "acquire", acquire)
+    try:
+        head, _, _ = _seq([1, 10], "a1", 3)  # waits for memory that never frees here
+        sched.submit([head])
+        dead = []
+        for i in range(50):
+            item, done, events = _seq([1, 11 + i % 40], None, 3)
+            sched.submit([item])
+            item.cancelled = True
+            dead.append((done, events))
+        assert all(done.wait(5) for done, _ in dead), "dead entries behind the head were never answered"
+        assert all(events[-1] == ("done", "cancelled") for _, events in dead)
+        assert sched.queue_depth() == 1
+    finally:
+        head.cancelled = True
+        sched.stop()
