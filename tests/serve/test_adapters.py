@@ -12,6 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
+
+import deltaw
 
 from serve_helpers import ADAPTERS, concurrently, start_server
 
@@ -615,3 +618,22 @@ def test_cancelled_entries_behind_a_waiting_head_are_dropped(private_root, monke
     finally:
         head.cancelled = True
         sched.stop()
+
+
+def test_decode_of_an_fp32_cpu_model_uses_the_native_rows_kernel(private_root):
+    """The engine forced "dense" for decode whenever the distinct adapters' total rank was small; on an fp32 CPU
+    model ``auto`` now picks the native per-row kernel there (no packs to rebuild as rows come and go: 127 vs
+    120 tok/s in benchmarks/serve_load.py); elsewhere (half precision, a GPU) dense stays."""
+    from deltaw.layers import native
+    from deltaw.serve.engine import DecodeBatch
+    from serve_helpers import make_llama
+
+    model = make_llama()
+    deltaw.load(model, private_root / "a0", "a0", activate=False)
+    deltaw.load(model, private_root / "a1", "a1", activate=False)
+    expected = "auto" if native.kernel() is not None else "dense"
+    assert DecodeBatch(model)._strategy(["a0", "a1", None], decode=True) == expected
+    assert DecodeBatch(model)._strategy(["a0", "a1", None], decode=False) == "auto"
+    half = make_llama().to(torch.bfloat16)
+    deltaw.load(half, private_root / "a0", "a0", activate=False)
+    assert DecodeBatch(half)._strategy(["a0", None], decode=True) == "dense"
