@@ -377,8 +377,9 @@ class LayerRows:
         """Whether ``dense`` or ``grouped`` keeps each row to its own adapters here. Both multiply rows by factors
         they do not use -- ``dense`` every row by every adapter, ``grouped`` its padding slots (groups of unequal
         size) by their group's -- and zero those products; a NaN or inf in such a factor survives that (0 · inf
-        is NaN) and would reach rows that never use the adapter, where each row alone stays finite. Checked once
-        per kernel build (a write into a factor re-packs): where a factor is not finite, ``reference`` runs."""
+        is NaN) and would reach rows that never use the adapter, where each row alone stays finite. Where a factor
+        is not finite, ``reference`` runs. Decided per adapter identity (``_finite``): a new context over resident
+        adapters reads no factor again, and a write into one (a new version) is checked again."""
         if name == "grouped" and len({g for g in self.row_group if g >= 0}) == self.G and len(
                 {self.row_group.count(g) for g in range(self.G)}) == 1:
             return True  # equal groups: no padding slot
