@@ -83,31 +83,7 @@ def clear_cache() -> None:
     global _generation
     _generation += 1
     _CACHE.clear()
-    _FINITE.clear()
     _device_const.cache_clear()
-
-
-# Whether an adapter's factors are all finite, per layer and ``_identity`` (a new context over resident adapters
-# finds it: serving opens one whenever its rows change, and reading every factor again cost ~0.5 ms per layer
-# with 16 adapters). Bounded per layer; emptied by ``clear_cache`` (a write through ``.data`` changes no key).
-_FINITE: weakref.WeakKeyDictionary[LoraLayer, dict[tuple, bool]] = weakref.WeakKeyDictionary()
-_FINITE_PER_LAYER = 64
-
-
-def _finite(layer: LoraLayer, name: str) -> bool:
-    known = _FINITE.get(layer)
-    if known is None:
-        known = _FINITE[layer] = {}
-    key = _identity(layer, name)
-    ok = known.get(key)
-    if ok is None:
-        a, b = layer.lora_A._parameters[name], layer.lora_B._parameters[name]
-        with torch.no_grad():  # (a meta tensor has no values to check)
-            ok = all(t.is_meta or bool(torch.isfinite(t).all()) for t in (a, b))
-        if len(known) >= _FINITE_PER_LAYER:
-            known.clear()
-        known[key] = ok
-    return ok
 
 
 def forget_adapter(layer: LoraLayer, name: str, serial: int) -> None:
@@ -118,10 +94,6 @@ def forget_adapter(layer: LoraLayer, name: str, serial: int) -> None:
     if entries:
         for key in [k for k in entries if _mentions(k, name, serial)]:
             del entries[key]
-    known = _FINITE.get(layer)
-    if known:
-        for key in [k for k in known if k[0] == name and k[1] == serial]:
-            del known[key]
 
 
 def _mentions(key: object, name: str, serial: int) -> bool:
@@ -378,12 +350,17 @@ class LayerRows:
         they do not use -- ``dense`` every row by every adapter, ``grouped`` its padding slots (groups of unequal
         size) by their group's -- and zero those products; a NaN or inf in such a factor survives that (0 · inf
         is NaN) and would reach rows that never use the adapter, where each row alone stays finite. Where a factor
-        is not finite, ``reference`` runs. Decided per adapter identity (``_finite``): a new context over resident
-        adapters reads no factor again, and a write into one (a new version) is checked again."""
+        is not finite, ``reference`` runs. Decided on the pack the kernel would use, once per pack (``_Verdict``):
+        a new context over resident adapters finds its packs and their verdicts, and every pack built -- from
+        whatever values the factors hold then -- is checked."""
         if name == "grouped" and len({g for g in self.row_group if g >= 0}) == self.G and len(
                 {self.row_group.count(g) for g in range(self.G)}) == 1:
             return True  # equal groups: no padding slot
-        return all(_finite(self.layer, n) for n in self.names)
+        if name == "dense":
+            a_cat, bt_cat, _, verdict = self._pack_concat()
+            return verdict.finite(a_cat, bt_cat)
+        a_st, b_st, verdict = self._pack_stacks()
+        return verdict.finite(a_st, b_st)
 
     def _grouped_in_order(self) -> bool:
         """Rows already sorted into equal-size groups (e.g. all distinct): ``grouped`` needs no gather."""
@@ -435,11 +412,12 @@ class LayerRows:
     def _spec_key(self, spec: Weighted) -> tuple:
         return tuple((_identity(self.layer, n), w) for n, w in spec)
 
-    def _pack_concat(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, slice]]:
-        """Unique adapters concatenated along r: A (R, in) [embedding: Aᵀ (num, R)], Bᵀ (R, out), unscaled."""
+    def _pack_concat(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, slice], _Verdict]:
+        """Unique adapters concatenated along r: A (R, in) [embedding: Aᵀ (num, R)], Bᵀ (R, out), unscaled; and
+        the pack's finiteness verdict (decided when first asked)."""
         key = ("concat", tuple(_identity(self.layer, n) for n in self.names))
 
-        def build() -> tuple[torch.Tensor, torch.Tensor, dict[str, slice]]:
+        def build() -> tuple[torch.Tensor, torch.Tensor, dict[str, slice], _Verdict]:
             cols: dict[str, slice] = {}
             a_parts, bt_parts, start = [], [], 0
             for n in self.names:
@@ -451,16 +429,16 @@ class LayerRows:
             a_cat = torch.cat(a_parts, 0)  # (R, in) | (R, num)
             if self.kind == "embedding":
                 a_cat = a_cat.t().contiguous()  # (num, R): a lookup table
-            return a_cat, torch.cat(bt_parts, 0).contiguous(), cols  # Bᵀ: (R, out)
+            return a_cat, torch.cat(bt_parts, 0).contiguous(), cols, _Verdict()  # Bᵀ: (R, out)
 
         return _cached(self.layer, key, build)  # type: ignore[return-value]
 
-    def _pack_stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack_stacks(self) -> tuple[torch.Tensor, torch.Tensor, _Verdict]:
         """One factor pair per distinct spec: Aᵀ (G, in, Rmax), (w·s·Bᵀ) (G, Rmax, out); ranks zero-padded."""
         specs = list(self.groups)
         key = ("stacks", tuple(self._spec_key(s) for s in specs))
 
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
+        def build() -> tuple[torch.Tensor, torch.Tensor, _Verdict]:
             ranks = [sum(self.layer.rank(n) for n, _ in s) for s in specs]
             a0, b0, _ = self._factors(specs[0][0][0])
             r_max, in_f, out_f = max(ranks), a0.shape[1], b0.shape[0]
@@ -477,7 +455,7 @@ class LayerRows:
                     a_st[g, :, start:start + r] = a.t()
                     b_st[g, start:start + r] = b.t().to(dtype) * (w * s)  # scaled in the pack's precision
                     start += r
-            return a_st, b_st
+            return a_st, b_st, _Verdict()
 
         return _cached(self.layer, key, build)  # type: ignore[return-value]
 
@@ -490,7 +468,7 @@ class LayerRows:
             a, b, s = self._factors(n)
             a_in, bt, alpha = a, b.t(), w * s  # (r, in), (r, out) view
         else:
-            a_cat, bt_cat, cols = self._pack_concat()
+            a_cat, bt_cat, cols, _ = self._pack_concat()
             a_in, alpha = a_cat, 1.0  # (R, in) | embedding: (num, R)
             scale = _const([w * self.layer.scaling[n] for n, w in spec for _ in range(cols[n].stop - cols[n].start)],
                            bt_cat.dtype, bt_cat.device)  # (R,)
@@ -563,7 +541,7 @@ class LayerRows:
 
     def dense_kernel(self, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """h = project_in(x, A_cat) (N, ..., R); h *= mask (N, 1.., R) [w·s per row and column]; y += h·Bᵀ."""
-        a_cat, bt_cat, cols = self._pack_concat()
+        a_cat, bt_cat, cols, _ = self._pack_concat()
         width = a_cat.shape[1] if self.kind == "embedding" else a_cat.shape[0]
         rows = []
         for spec in self.specs:
@@ -587,7 +565,7 @@ class LayerRows:
 
     def grouped_kernel(self, k: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Rows gathered into (G, rows_per_group·tokens, in) and multiplied by their group's stacked factors."""
-        a_st, b_st = self._pack_stacks()
+        a_st, b_st, _ = self._pack_stacks()
         members: list[list[int]] = [[] for _ in range(self.G)]
         for row, g in enumerate(self.row_group):
             if g >= 0:
@@ -645,7 +623,7 @@ class LayerRows:
 
     def rowwise_kernel(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """Per-row factor copies (B, in, Rmax) / (B, Rmax, out), rows without adapters get zeros: bmm + baddbmm_."""
-        a_st, b_st = self._pack_stacks()
+        a_st, b_st, _ = self._pack_stacks()
         key = ("rowwise", tuple(self.row_group), self._spec_key_all())
         B = self.B
 
@@ -678,6 +656,22 @@ class LayerRows:
 
     def _spec_key_all(self) -> tuple:
         return tuple(self._spec_key(s) for s in self.groups)
+
+
+class _Verdict:
+    """Whether a pack's tensors are all finite, decided the first time a kernel asks (``LayerRows._isolates``)
+    and kept with the pack: a pack built later, from whatever values the factors then hold, has its own."""
+
+    __slots__ = ("ok",)
+
+    def __init__(self) -> None:
+        self.ok: bool | None = None
+
+    def finite(self, *tensors: torch.Tensor) -> bool:
+        if self.ok is None:
+            with torch.no_grad():  # (a meta tensor has no values to check)
+                self.ok = all(t.is_meta or bool(torch.isfinite(t).all()) for t in tensors)
+        return self.ok
 
 
 class _LinearIn:

@@ -387,7 +387,7 @@ def test_stack_packs_keep_every_adapter_in_its_own_precision():
     layer = model[0]
     assert (layer.lora_A["early"].dtype, layer.lora_A["late"].dtype) == (torch.float16, torch.float32)
     clear_cache()
-    a_st, b_st = LayerRows(layer, ((("early", 1.0),), (("late", 1.0), ("early", 0.5))), "grouped")._pack_stacks()
+    a_st, b_st, _ = LayerRows(layer, ((("early", 1.0),), (("late", 1.0), ("early", 0.5))), "grouped")._pack_stacks()
     assert a_st.dtype == b_st.dtype == torch.float32
     assert torch.equal(a_st[1, :, :3], layer.lora_A["late"].detach().t())
     assert torch.equal(b_st[1, :3], layer.lora_B["late"].detach().t() * layer.scaling["late"])

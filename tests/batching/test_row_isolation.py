@@ -176,10 +176,10 @@ def test_deleting_an_adapter_drops_its_packs():
     assert cache_nbytes() == kept, "the pack of the other rows was kept, not rebuilt"
 
 
-def test_finiteness_is_checked_once_per_adapter_not_per_context(monkeypatch):
+def test_finiteness_is_checked_once_per_pack_not_per_context(monkeypatch):
     """The check behind the fallback read every factor again in every new context (serving opens one whenever
-    its rows change): +17 ms per context for 30 layers of 16 adapters (found in review). It is kept per adapter
-    identity; a write to a factor (a new version) is checked again."""
+    its rows change): +17 ms per context for 30 layers of 16 adapters (found in review). It is kept with the pack;
+    a write to a factor (a new version, so a new pack) is checked again."""
     m = _two_adapters(nn.Linear(8, 8))
     x = torch.randn(4, 1, 8)
     rows = ["a", "b", "a", None]
@@ -225,3 +225,21 @@ def test_data_swap_of_inference_mode_factors_is_seen():
             got = m(x)
         with torch.inference_mode(), deltaw.using(m, "a"):
             torch.testing.assert_close(got[:1], m(x[:1]), rtol=1e-5, atol=1e-5, msg=strategy)
+
+
+def test_a_pack_built_after_a_write_through_data_gets_its_own_verdict():
+    """Kept per adapter identity, the verdict did not see a NaN written in place through ``.data`` (no version,
+    no storage change): a new pack built from the NaN factor still counted as finite, and the NaN reached rows
+    that never use the adapter (found in review). The verdict now belongs to the pack it was made on."""
+    m = _two_adapters(nn.Linear(8, 8))
+    layer = deltaw.state(m).layers["layer"]
+    x = torch.randn(4, 1, 8)
+    with torch.no_grad():
+        with per_row(m, ["a", "a", "a", "b"], strategy="dense"):
+            m(x)
+        layer.lora_B["b"].data.fill_(float("nan"))
+        for strategy, rows in (("dense", ["b", "a", "a", "a"]), ("grouped", ["a", "a", "a", "b"])):
+            with per_row(m, rows, strategy=strategy):
+                y = m(x)
+            keep = [i for i, r in enumerate(rows) if r == "a"]
+            assert torch.isfinite(y[keep]).all(), strategy
