@@ -393,7 +393,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         self.scaling[name] = scaling
         self.dropout_p[name] = dropout
         self.serial[name] = next(_SERIALS)
-        object.__setattr__(self, "_decode", None)  # (its entries name this layer's adapters)
+        self.forget_plan()  # (its entries name this layer's adapters)
 
     def forget_plan(self) -> None:
         """Drop what this layer derived from its adapters for the decode step (a subclass's plan): when an
@@ -401,7 +401,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
         object.__setattr__(self, "_decode", None)
 
     def delete_adapter(self, name: str) -> None:
-        object.__setattr__(self, "_decode", None)
+        self.forget_plan()
         _drop(self._modules["lora_A"], name)
         _drop(self._modules["lora_B"], name)
         del self.scaling[name]
@@ -715,7 +715,7 @@ class LoraLayer(nn.Module, metaclass=ABCMeta):
     def _apply(self, fn, recurse=True):  # keep the pristine copy on the same device/dtype as the module
         result = super()._apply(fn, recurse)
         object.__setattr__(self, "_spare", None)
-        object.__setattr__(self, "_decode", None)
+        self.forget_plan()
         if self._pristine is not None:
             object.__setattr__(self, "_pristine", fn(self._pristine))
         return result
